@@ -168,7 +168,8 @@ class ModelConfig:
 
     def to_hf_dict(self, rope_format: str = "legacy") -> dict[str, Any]:
         """The `config.json` dict. rope_format 'legacy' writes `rope_theta` + `rope_scaling` (what the
-        released K2 checkpoint and vLLM/SGLang read); 'parameters' writes transformers 5's `rope_parameters`."""
+        released K2 checkpoint and vLLM/SGLang read); 'parameters' writes transformers 5's
+        `rope_parameters`."""
         d = {k: v for k, v in asdict(self).items() if k != "extra"}
         d.update(self.extra)
         d["architectures"] = ["DeepseekV3ForCausalLM"]

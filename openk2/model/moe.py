@@ -1,0 +1,143 @@
+"""Mixture of Experts with K2's router (sigmoid scores, aux-loss-free bias, group-limited top-k).
+
+Routing, per token:
+    s = sigmoid(x W_gate^T)                          affinity of each routed expert
+    choose top-k experts by s + b                    b = e_score_correction_bias, selection only
+        (first keep the topk_group groups whose best-two biased scores sum highest)
+    w = s[chosen] / sum(s[chosen]) * routed_scaling_factor
+    y = sum_i w_i Expert_i(x) + SharedExpert(x)
+
+The bias is not trained by gradients: the training loop nudges it toward balanced expert load
+(aux-loss-free balancing) from the per-expert token counts this module records.
+
+Expert compute never loops over tokens: the (token, expert) pairs are sorted by expert so each expert
+runs one matmul over a contiguous slice. The expert weights are stacked (E, out, in) tensors, which
+is what Muon's batched Newton-Schulz and expert parallelism want; the checkpoint code maps them to
+the per-expert keys of the real K2 checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openk2.config import ModelConfig
+from openk2.model.layers import MLP, swiglu
+
+
+class Gate(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.n_experts = config.n_routed_experts
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.norm_topk_prob = config.norm_topk_prob
+        self.scaling = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, D) -> combine weights (T, k), expert ids (T, k), sigmoid scores (T, E), all float32."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        biased = scores.detach() + self.e_score_correction_bias
+        if self.n_group > 1:
+            grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (T, n_group)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            biased = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+        ids = biased.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids, scores
+
+
+class Experts(nn.Module):
+    """Routed experts as stacked SwiGLU weights: gate/up (E, I, D), down (E, D, I).
+
+    Under expert parallelism a rank holds experts [first, first + E_local); `first` is 0 otherwise.
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, first: int = 0):
+        super().__init__()
+        self.first = first
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
+
+    @property
+    def n_local(self) -> int:
+        return self.gate_proj.shape[0]
+
+    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x (N, D) rows sorted by local expert, counts[e] rows for expert e -> (N, D)."""
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            xe = x[start : start + n]
+            h = swiglu(xe @ self.gate_proj[e].T, xe @ self.up_proj[e].T)
+            outs.append(h @ self.down_proj[e].T)
+            start += n
+        return torch.cat(outs) if outs else x.new_zeros(0, self.down_proj.shape[1])
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.gate = Gate(config)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            if config.n_shared_experts
+            else None
+        )
+        self.aux_loss_alpha = config.aux_loss_alpha if config.seq_aux else 0.0
+        # Statistics of the last forward: tokens routed to each expert (load balancing) and the
+        # sequence-wise auxiliary loss (a differentiable scalar, 0 unless enabled and training).
+        self.compute_aux_loss = False
+        self.expert_counts: torch.Tensor | None = None
+        self.aux_loss: torch.Tensor | None = None
+        # Expert parallelism swaps this for an all-to-all version; see openk2/distributed/expert_parallel.py.
+        self.dispatcher = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, ids, scores = self.gate(flat)
+        counts = torch.bincount(ids.flatten(), minlength=self.n_experts)
+        self.expert_counts = counts.detach()
+        if self.compute_aux_loss and self.training and self.aux_loss_alpha > 0:
+            self.aux_loss = self._sequence_aux_loss(scores, ids, shape[0])
+        if self.dispatcher is not None:
+            routed = self.dispatcher(self, flat, weights, ids, counts)
+        else:
+            routed = self.routed_local(flat, weights, ids, counts)
+        out = routed.view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+    def routed_local(self, x: torch.Tensor, weights, ids, counts) -> torch.Tensor:
+        """All experts on this rank: sort (token, expert) pairs by expert, run, weight, scatter back."""
+        order = ids.flatten().argsort(stable=True)
+        token = order // self.top_k
+        y = self.experts(x[token], counts.tolist())
+        y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+    def _sequence_aux_loss(self, scores: torch.Tensor, ids: torch.Tensor, batch: int) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise balance loss: alpha * sum_e f_e * P_e, averaged over sequences,
+        f_e = E/(k*T) * tokens of the sequence routed to e, P_e = mean normalised affinity to e."""
+        seq = scores.shape[0] // batch
+        probs = (scores / scores.sum(dim=-1, keepdim=True)).view(batch, seq, self.n_experts)
+        load = torch.zeros(batch, self.n_experts, device=scores.device)
+        ones = torch.ones(batch, seq * self.top_k, device=scores.device)
+        load.scatter_add_(1, ids.view(batch, seq * self.top_k), ones)
+        load = load * self.n_experts / (self.top_k * seq)
+        return self.aux_loss_alpha * (load * probs.mean(dim=1)).sum(dim=-1).mean()

@@ -1,0 +1,171 @@
+"""The K2 / DeepSeek-V3 decoder: embeddings, `num_hidden_layers` blocks of MLA + (dense MLP or MoE),
+final RMSNorm and an untied LM head.
+
+Module names match the Hugging Face checkpoint (minus its `model.` prefix), so the checkpoint code only
+has to split the stacked expert tensors into per-expert keys. Layers live in a ModuleDict keyed by
+their global index, and `forward` skips a missing embedding or head: pipeline parallelism can delete
+modules from a copy of the model without renaming anything (the torchtitan pattern).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+from openk2.config import ModelConfig
+from openk2.model.layers import MLP, RMSNorm
+from openk2.model.mla import MLA
+from openk2.model.moe import MoE
+from openk2.model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer_id):
+            self.mlp = MoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config)
+        self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(config.num_hidden_layers)})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.init_weights()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, S) -> logits (B, S, vocab).
+
+        segment_ids (B, S): packed documents; attention stays inside a segment and positions restart
+        at each segment unless given. (Under pipeline parallelism a stage without the embedding takes
+        hidden states (B, S, D) instead, and one without the head returns hidden states.)
+        """
+        x = self.embed_tokens(input_ids) if self.embed_tokens is not None else input_ids
+        b, s = x.shape[:2]
+        if positions is None and segment_ids is not None:
+            positions = segment_positions(segment_ids)
+        elif positions is None:
+            positions = torch.arange(s, device=x.device)
+        cos, sin = self.rotary(positions)
+        mask = None
+        if segment_ids is not None:
+            causal = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+            mask = (segment_ids.unsqueeze(-1) == segment_ids.unsqueeze(-2)) & causal
+            mask = mask.unsqueeze(1)  # (B, 1, S, S)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin, mask)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.lm_head(x) if self.lm_head is not None else x
+
+    # ------------------------------------------------------------------ statistics for the optimizer
+    def record_stats(self, enabled: bool = True) -> None:
+        """Record per-head max attention logits (QK-Clip) and the sequence-wise aux loss in each forward."""
+        for m in self.modules():
+            if isinstance(m, MLA):
+                m.record_max_logits = enabled
+            elif isinstance(m, MoE):
+                m.compute_aux_loss = enabled
+
+    def max_attention_logits(self) -> dict[int, torch.Tensor]:
+        """Layer id -> per-head max pre-softmax logit (H,) from the last forward that recorded them."""
+        return {
+            int(i): blk.self_attn.max_logits
+            for i, blk in self.layers.items()
+            if blk.self_attn.max_logits is not None
+        }
+
+    def expert_counts(self) -> dict[int, torch.Tensor]:
+        """Layer id -> tokens routed to each expert (E,) in the last forward."""
+        return {
+            int(i): blk.mlp.expert_counts
+            for i, blk in self.layers.items()
+            if isinstance(blk.mlp, MoE) and blk.mlp.expert_counts is not None
+        }
+
+    def aux_loss(self) -> torch.Tensor:
+        losses = [
+            blk.mlp.aux_loss
+            for blk in self.layers.values()
+            if isinstance(blk.mlp, MoE) and blk.mlp.aux_loss is not None
+        ]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """Normal(0, initializer_range) for matrices, output projections scaled by 1/sqrt(2 * layers)
+        (GPT-2 style, keeps the residual stream's variance flat with depth), ones for norms."""
+        std = std or self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+        for name, p in self.named_parameters():
+            if p.ndim == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=std)
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.gate.e_score_correction_bias.zero_()
+        self.rotary.reset_parameters(self.config)
+
+    # ------------------------------------------------------------------ sizes
+    def num_parameters(self, activated: bool = False) -> int:
+        from openk2.info import count_parameters
+
+        counts = count_parameters(self.config)
+        return counts.activated if activated else counts.total
+
+    # ------------------------------------------------------------------ checkpoints (HF layout)
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Transformer:
+        from openk2.checkpoint.hf import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(
+        self, path: str | os.PathLike, fp8: bool = False, max_shard_bytes: int = 4 << 30
+    ) -> None:
+        from openk2.checkpoint.hf import save_pretrained
+
+        save_pretrained(self, path, fp8=fp8, max_shard_bytes=max_shard_bytes)
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position of each token inside its segment: 0 at every segment start."""
+    b, s = segment_ids.shape
+    idx = torch.arange(s, device=segment_ids.device).expand(b, s)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
