@@ -66,7 +66,7 @@ def hf_config(**overrides) -> DeepseekV3Config:
 def random_hf_model(config: DeepseekV3Config, seed: int = 0) -> DeepseekV3ForCausalLM:
     torch.manual_seed(seed)
     model = DeepseekV3ForCausalLM(config).eval()
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.ndim > 1:
             p.normal_(0, 0.08)
         else:
