@@ -74,14 +74,14 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x (N, D) rows sorted by local expert, counts[e] rows for expert e -> (N, D)."""
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
+        outs = []
+        # split/unbind rather than indexing: their backward is one cat/stack, where indexing would
+        # build a zero-filled full-size gradient per expert.
+        gate, up, down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+        for e, xe in enumerate(x.split(counts)):
+            if xe.shape[0] == 0:
                 continue
-            xe = x[start : start + n]
-            h = swiglu(xe @ self.gate_proj[e].T, xe @ self.up_proj[e].T)
-            outs.append(h @ self.down_proj[e].T)
-            start += n
+            outs.append(swiglu(xe @ gate[e].T, xe @ up[e].T) @ down[e].T)
         return torch.cat(outs) if outs else x.new_zeros(0, self.down_proj.shape[1])
 
 
