@@ -180,3 +180,13 @@ def test_corpus_helpers(tmp_path):
     assert read_corpus(str(tmp_path)) == "hello\n\nworld"
     with pytest.raises(FileNotFoundError, match="unknown corpus"):
         read_corpus("no-such-corpus")
+
+
+def test_every_overlong_run_is_found_wherever_it_sits():
+    from openk2.tokenizer.tokenizer import _long_run_cuts
+
+    for offset in (0, 1, 777, MAX_RUN_CHARS // 2 - 1, MAX_RUN_CHARS + 3):
+        for run, edge in (("x" * (MAX_RUN_CHARS + 1), " "), (" \n\t" * (MAX_RUN_CHARS // 3 + 1), "z")):
+            head = ("ab " * offset)[:offset] + edge
+            assert _long_run_cuts(head + run + edge + "tail") == [len(head) + MAX_RUN_CHARS]
+            assert _long_run_cuts(head + run[:MAX_RUN_CHARS] + edge + "tail") == []

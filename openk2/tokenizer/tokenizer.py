@@ -121,12 +121,27 @@ def save_tiktoken_model(ranks: dict[bytes, int], path: str | Path) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
+def _may_have_long_run(text: str) -> bool:
+    """Cheap pre-check: a run longer than MAX_RUN_CHARS covers a whole aligned block of half
+    that size, and on ordinary text each block is ruled out after its first word."""
+    b = MAX_RUN_CHARS // 2
+    for i in range(0, len(text) - b + 1, b):
+        block = text[i : i + b]
+        if block.isspace():
+            return True
+        if not block[0].isspace() and not block[-1].isspace() and len(block.split(None, 1)) == 1:
+            return True
+    return False
+
+
 def _long_run_cuts(text: str) -> list[int]:
     """Positions at which to cut so that no whitespace/non-whitespace run exceeds MAX_RUN_CHARS.
 
     Cuts fall inside long runs only (never at a run's start), so text without such runs is
     encoded exactly as plain tiktoken would encode it.
     """
+    if not _may_have_long_run(text):
+        return []
     cuts = []
     for m in _LONG_RUN.finditer(text):
         cuts.extend(range(m.start() + MAX_RUN_CHARS, m.end(), MAX_RUN_CHARS))
