@@ -163,3 +163,24 @@ def test_unexpected_tensor_is_reported(saved):
         CheckpointError, match=r"extra\.safetensors: unexpected tensor model\.layers\.0\.mlp\.bogus"
     ):
         Transformer.from_pretrained(saved)
+
+
+def test_export_is_loaded_by_transformers(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from openk2.checkpoint.export import export
+    from openk2.tokenizer import K2Tokenizer
+
+    src = tmp_path / "ckpt"
+    tiny_model.save_pretrained(src)
+    K2Tokenizer.byte_level().save_pretrained(src)
+    out = export(src, tmp_path / "exported", max_shard_bytes=200_000)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "tiktoken.model", "tokenizer_config.json"} <= names
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        assert (hf(ids).logits - tiny_model(ids)).abs().max().item() < 1e-4
+    with pytest.raises(FileExistsError):
+        export(src, out)
