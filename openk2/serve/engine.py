@@ -1,0 +1,532 @@
+"""The inference engine: prefill and decode against the absorbed MLA cache, continuous batching.
+
+One loop, one thread owns the model and the cache. Each `step()`:
+  1. drops aborted requests (their slots free at once);
+  2. admits waiting requests into free slots and prefills them together (right-padded batch, one
+     forward), sampling each one's first token: a new request joins between two decode steps;
+  3. runs one decode step for every running sequence: one new token each, whatever its length;
+  4. retires finished sequences (stop token, stop string, max_tokens, abort), which frees their slots.
+
+The cached forward is written out here rather than in the model: per block it is
+`compress` -> write the cache rows -> `forward_latent` against the slot's rows -> MLP, i.e. the model's
+own modules on the absorbed path. Requests come in from any thread (`submit`, `abort`), results go out
+through callbacks; `generate` is the synchronous batch API (RL rollouts, data synthesis) and `stream`
+the asyncio one (the HTTP server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from openk2.model.transformer import Transformer
+from openk2.serve.cache import ContextLengthError, LatentCache
+from openk2.serve.constrained import Constraint, GrammarCompiler
+from openk2.serve.sampling import SamplingParams, TokenLogprob, sample
+from openk2.tokenizer.tokenizer import IncrementalDecoder, K2Tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Completion", "ContextLengthError", "Engine", "EngineFullError", "RequestOutput", "StreamEvent"]
+
+
+class EngineFullError(RuntimeError):
+    """The waiting queue is full (an HTTP 503 for the server)."""
+
+
+@dataclass
+class StreamEvent:
+    """New output of one completion (`index` among the request's n): usually one token."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob]
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" on the last event
+
+
+@dataclass
+class Completion:
+    index: int
+    token_ids: list[int] = field(default_factory=list)  # includes the stop token, when one ended it
+    text: str = ""  # excludes stop tokens and stop strings
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    completions: list[Completion]
+    time_to_first_token: float | None = None  # seconds from submission to the first sampled token
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.completions)
+
+
+class _Request:
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, on_event):
+        self.id = request_id
+        self.prompt = prompt
+        self.params = params
+        self.on_event: Callable[[StreamEvent], None] | None = on_event
+        self.output = RequestOutput(request_id, prompt, [Completion(i) for i in range(params.n)])
+        self.arrival = time.perf_counter()
+        self.done = threading.Event()
+
+
+class _Sequence:
+    """One completion in flight: its tokens, its cache slot, its sampling and text state."""
+
+    def __init__(self, req: _Request, index: int, engine: Engine):
+        self.req = req
+        self.index = index
+        self.params = req.params
+        self.out = req.output.completions[index]
+        self.slot = -1
+        self.cached = 0  # rows of the slot that hold this sequence's tokens
+        self.last = -1  # the latest sampled token, fed in the next decode step
+        self.generator = torch.Generator()
+        if self.params.seed is not None:
+            self.generator.manual_seed(self.params.seed + index)
+        else:
+            self.generator.seed()
+        self.constraint: Constraint | None = (
+            engine.grammars.matcher(self.params.grammar) if self.params.grammar is not None else None
+        )
+        self.decoder = IncrementalDecoder(engine.tokenizer, skip_special=self.params.skip_special_tokens)
+        self.held = ""  # decoded text not yet emitted: it could be the start of a stop string
+        self.stop_ids = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            self.stop_ids |= {engine.tokenizer.eos_id, engine.tokenizer.im_end_id}
+
+    def mask(self, vocab_size: int, banned: torch.Tensor | None) -> torch.Tensor | None:
+        allowed = self.constraint.allowed() if self.constraint is not None else None
+        if banned is not None:
+            allowed = ~banned if allowed is None else allowed & ~banned
+        return allowed
+
+
+class Engine:
+    """Serve one model: `generate` (batched, blocking), `stream` (async), `submit`/`abort` (threads).
+
+    max_batch sequences run at once, each in a cache slot of max_seq_len tokens; up to max_queue more
+    wait. A request that can never fit a slot is refused with ContextLengthError; a full queue with
+    EngineFullError.
+    """
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: K2Tokenizer,
+        max_batch: int = 16,
+        max_seq_len: int | None = None,
+        max_queue: int = 1024,
+        max_prefill_tokens: int = 8192,
+    ):
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"tokenizer has {tokenizer.vocab_size} ids but the model only "
+                f"{model.config.vocab_size} embeddings"
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.vocab_size = model.config.vocab_size
+        self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        max_seq_len = max_seq_len or min(self.config.max_position_embeddings, 8192)
+        self.cache = LatentCache(self.config, max_batch, max_seq_len, dtype=self.dtype, device=self.device)
+        self._grammars: GrammarCompiler | None = None
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Sequence] = []
+        self._aborts: set[str] = set()
+        self._cv = threading.Condition()  # guards waiting/_aborts; notified on new work
+        self._model_lock = threading.Lock()  # held by a step and by load_weights
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ids = itertools.count()
+        self._pending: dict[str, _Request] = {}  # not yet retired, by id
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer)
+        return self._grammars
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cache.max_seq_len
+
+    def submit(
+        self,
+        prompt: list[int],
+        params: SamplingParams | None = None,
+        on_event: Callable[[StreamEvent], None] | None = None,
+        request_id: str | None = None,
+    ) -> RequestOutput:
+        """Queue a request; returns its (filling) RequestOutput. on_event runs on the engine thread."""
+        return self._submit(prompt, params, on_event, request_id).output
+
+    def _submit(self, prompt, params, on_event, request_id) -> _Request:
+        params = (params or SamplingParams()).validate(self.vocab_size)
+        prompt = [int(t) for t in prompt]
+        if any(not 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        self.cache.check_fits(len(prompt), params.max_tokens)
+        if params.grammar is not None:
+            self.grammars.matcher(params.grammar)  # fail here, in the caller's thread, if it is broken
+        if params.n > self.cache.slots:
+            raise ValueError(f"n={params.n} exceeds the engine's {self.cache.slots} cache slots")
+        request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        req = _Request(request_id, prompt, params, on_event)
+        with self._cv:
+            if len(self.waiting) >= self.max_queue:
+                raise EngineFullError(
+                    f"the engine queue is full ({self.max_queue} requests waiting); retry later"
+                )
+            self._pending[req.id] = req
+            self.waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (waiting or running); its completions finish with reason "abort"."""
+        with self._cv:
+            self._aborts.add(request_id)
+            self._cv.notify()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Run prompts to completion, batched; blocks. Works with or without the background thread."""
+        reqs = [self._submit(p, params, None, None) for p in prompts]
+        if self._thread is not None:
+            for r in reqs:
+                r.done.wait()
+        else:
+            while not all(r.done.is_set() for r in reqs):
+                self.step()
+        return [r.output for r in reqs]
+
+    async def stream(
+        self, prompt: list[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[StreamEvent]:
+        """Yield events as tokens are sampled; leaving early (client gone, task cancelled) aborts the
+        request. Needs the background thread (`start()`)."""
+        if self._thread is None:
+            raise RuntimeError("Engine.stream needs the engine thread: call engine.start() first")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+
+        def deliver(ev: StreamEvent) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        out = self.submit(prompt, params, deliver, request_id)
+        remaining = len(out.completions)
+        try:
+            while remaining:
+                ev = await queue.get()
+                if ev.finish_reason is not None:
+                    remaining -= 1
+                yield ev
+        finally:
+            if remaining:
+                self.abort(out.request_id)
+
+    def start(self) -> Engine:
+        """Run the scheduling loop on a daemon thread (for servers and concurrent callers)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="openk2-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            with self._cv:
+                self._stopping = True
+                self._cv.notify()
+            self._thread.join()
+            self._thread = None
+
+    def load_weights(self, source: nn.Module | dict[str, torch.Tensor]) -> float:
+        """Copy new weights into the served model between two steps (RL weight sync); returns seconds.
+
+        Running sequences keep their cache (computed with the old weights), as in-flight requests do
+        in other engines during a weight update."""
+        state = source.state_dict() if isinstance(source, nn.Module) else source
+        t0 = time.perf_counter()
+        with self._model_lock, torch.no_grad():
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.endswith("inv_freq")]
+            if missing or unexpected:
+                raise ValueError(f"load_weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return time.perf_counter() - t0
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+            "slots": self.cache.slots,
+            "max_seq_len": self.cache.max_seq_len,
+            "cache_bytes": self.cache.total_bytes,
+            "cache_bytes_per_token": self.cache.bytes_per_token,
+        }
+
+    # ------------------------------------------------------------------ scheduling
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._aborts)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self.has_work():
+                    self._cv.wait()
+                if self._stopping:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # keep serving: fail the requests in flight, not the process
+                log.exception("engine step failed")
+                self._fail_all(f"{type(e).__name__}: {e}")
+
+    def step(self) -> None:
+        """One scheduling iteration: aborts, admissions + prefill, one decode step, retirements."""
+        with self._model_lock, torch.inference_mode():
+            self._handle_aborts()
+            self._retire()
+            admitted = self._admit()
+            if admitted:
+                self._prefill(admitted)
+                self._retire()
+            if self.running:
+                self._decode()
+                self._retire()
+
+    def _handle_aborts(self) -> None:
+        with self._cv:
+            aborts, self._aborts = self._aborts, set()
+            dropped = [r for r in self.waiting if r.id in aborts]
+            if dropped:
+                self.waiting = deque(r for r in self.waiting if r.id not in aborts)
+        for r in dropped:
+            self._finish_request(r, "abort")
+        for s in self.running:
+            if s.req.id in aborts and s.out.finish_reason is None:
+                self._finish(s, "abort")
+
+    def _admit(self) -> list[_Sequence]:
+        admitted: list[_Sequence] = []
+        budget = self.max_prefill_tokens
+        with self._cv:
+            while self.waiting:
+                req = self.waiting[0]
+                n = req.params.n
+                if len(self.running) + len(admitted) + n > self.cache.slots:
+                    break
+                if admitted and len(req.prompt) > budget:
+                    break
+                self.waiting.popleft()
+                budget -= len(req.prompt)
+                for i in range(n):
+                    s = _Sequence(req, i, self)
+                    s.slot = len(self.running) + len(admitted)
+                    admitted.append(s)
+        self.running.extend(admitted)
+        return admitted
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            waiting, self.waiting = list(self.waiting), deque()
+        for r in waiting:
+            self._finish_request(r, "error", message)
+        for s in self.running:
+            if s.out.finish_reason is None:
+                self._finish(s, "error")
+        self._retire()
+
+    def _finish_request(self, req: _Request, reason: str, message: str | None = None) -> None:
+        """Finish a request that never ran (aborted or refused while waiting)."""
+        if message:
+            log.warning("request %s: %s", req.id, message)
+        for c in req.output.completions:
+            c.finish_reason = reason
+            if req.on_event is not None:
+                req.on_event(StreamEvent(c.index, [], "", [], reason))
+        req.done.set()
+        self._pending.pop(req.id, None)
+
+    # ------------------------------------------------------------------ the cached forward
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """Prompts of newly admitted sequences, right-padded into one batch, written to their slots
+        (which are contiguous: admission appends). Sequences of one request with n > 1 share a
+        prompt: it is computed once and its cache rows copied."""
+        firsts: dict[str, _Sequence] = {}
+        unique = [s for s in seqs if firsts.setdefault(s.req.id, s) is s]
+        lengths = torch.tensor([len(s.req.prompt) for s in unique])
+        b, t = len(unique), int(lengths.max())
+        ids = torch.zeros(b, t, dtype=torch.long)
+        for i, s in enumerate(unique):
+            ids[i, : len(s.req.prompt)] = torch.tensor(s.req.prompt)
+        pos = torch.arange(t)
+        mask = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lengths[:, None, None])
+        slots = torch.tensor([s.slot for s in unique])
+        contiguous = bool((slots == torch.arange(slots[0], slots[0] + b)).all())
+        m = self.model
+        x = m.embed_tokens(ids.to(self.device))
+        cos, sin = m.rotary(pos.to(self.device))
+        mask = mask.to(self.device)
+        for layer, blk in enumerate(m.layers.values()):
+            attn = blk.self_attn
+            h = blk.input_layernorm(x)
+            entry = attn.compress(h, cos, sin)  # (B, T, r + rope)
+            if contiguous:
+                self.cache.kv[layer, slots[0] : slots[0] + b, :t] = entry
+            else:
+                self.cache.kv[layer, slots, :t] = entry
+            x = x + attn.forward_latent(h, cos, sin, entry, mask)
+            x = x + blk.mlp(blk.post_attention_layernorm(x))
+        last = x[torch.arange(b), lengths - 1]  # only the last prompt position needs logits
+        logits = m.lm_head(m.norm(last))
+        for s in unique:
+            s.cached = len(s.req.prompt)
+            s.req.output.time_to_first_token = time.perf_counter() - s.req.arrival
+        for s in seqs:
+            first = firsts[s.req.id]
+            if s is not first:
+                self.cache.move(first.slot, s.slot, first.cached)
+                s.cached = first.cached
+        row = {s.req.id: i for i, s in enumerate(unique)}
+        self._sample(seqs, logits[[row[s.req.id] for s in seqs]])
+
+    def _decode(self) -> None:
+        """One token for each running sequence. They occupy slots 0..n-1 (see _retire), so attention
+        reads the plain slice kv[layer, :n, :T] with no gather."""
+        seqs = self.running
+        n = len(seqs)
+        pos = torch.tensor([s.cached for s in seqs])
+        t = int(pos.max()) + 1
+        ids = torch.tensor([[s.last] for s in seqs], device=self.device)
+        slots = torch.arange(n, device=self.device)
+        m = self.model
+        x = m.embed_tokens(ids)
+        cos, sin = m.rotary(pos.unsqueeze(-1).to(self.device))  # (B, 1, rope/2)
+        mask = (torch.arange(t)[None, None, :] <= pos[:, None, None]).to(self.device)  # (B, 1, T)
+        pos = pos.to(self.device)
+        for layer, blk in enumerate(m.layers.values()):
+            attn = blk.self_attn
+            h = blk.input_layernorm(x)
+            kv = self.cache.kv[layer]
+            kv[slots, pos] = attn.compress(h, cos, sin)[:, 0]
+            x = x + attn.forward_latent(h, cos, sin, kv[:n, :t], mask)
+            x = x + blk.mlp(blk.post_attention_layernorm(x))
+        logits = m.lm_head(m.norm(x[:, 0]))
+        for s in seqs:
+            s.cached += 1
+        self._sample(seqs, logits)
+
+    # ------------------------------------------------------------------ sampling and output
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        masks = []
+        for s in seqs:
+            banned = None
+            if s.params.banned_token_ids:
+                banned = torch.zeros(self.vocab_size, dtype=torch.bool)
+                banned[s.params.banned_token_ids] = True
+            masks.append(s.mask(self.vocab_size, banned))
+        tokens, records = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], masks)
+        for s, tok, rec in zip(seqs, tokens, records):
+            self._append(s, tok, rec)
+
+    def _append(self, s: _Sequence, tok: int, rec: TokenLogprob | None) -> None:
+        s.last = tok
+        s.out.token_ids.append(tok)
+        lps = [rec] if rec is not None else []
+        s.out.logprobs.extend(lps)
+        if s.constraint is not None:
+            s.constraint.advance(tok)
+        if tok in s.stop_ids:
+            self._emit(s, [tok], "", lps)
+            self._finish(s, "stop")
+            return
+        s.held += s.decoder.push(tok)
+        text, stopped = self._release_text(s)
+        self._emit(s, [tok], text, lps)
+        if stopped:
+            self._finish(s, "stop", flush=False)
+        elif len(s.out.token_ids) >= s.params.max_tokens:
+            self._finish(s, "length")
+
+    def _release_text(self, s: _Sequence) -> tuple[str, bool]:
+        """Text that can be emitted now, and whether a stop string ended the completion. A tail that
+        could be the start of a stop string is held back until it can be decided."""
+        if not s.params.stop:
+            text, s.held = s.held, ""
+            return text, False
+        already = len(s.out.text)
+        full = s.out.text + s.held
+        hits = [full.find(stop, max(0, already - len(stop) + 1)) for stop in s.params.stop]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            text = full[already : min(hits)]
+            s.held = ""
+            return text, True
+        keep = 0
+        for stop in s.params.stop:
+            for k in range(min(len(stop) - 1, len(s.held)), 0, -1):
+                if s.held.endswith(stop[:k]):
+                    keep = max(keep, k)
+                    break
+        text = s.held[: len(s.held) - keep]
+        s.held = s.held[len(s.held) - keep :]
+        return text, False
+
+    def _flush_text(self, s: _Sequence) -> str:
+        text, s.held = s.held + s.decoder.flush(), ""
+        return text
+
+    def _emit(self, s: _Sequence, toks: list[int], text: str, lps: list[TokenLogprob]) -> None:
+        s.out.text += text
+        if s.req.on_event is not None and (toks or text):
+            s.req.on_event(StreamEvent(s.index, toks, text, lps))
+
+    def _finish(self, s: _Sequence, reason: str, flush: bool = True) -> None:
+        """flush=False when a stop string ended it: the held text is the stop string, not output."""
+        tail = self._flush_text(s) if flush else ""
+        s.out.text += tail
+        s.out.finish_reason = reason
+        if s.req.on_event is not None:
+            s.req.on_event(StreamEvent(s.index, [], tail, [], reason))
+
+    def _retire(self) -> None:
+        """Drop finished sequences, keeping the running ones in slots 0..n-1 (the last one moves
+        into each hole)."""
+        i = 0
+        while i < len(self.running):
+            s = self.running[i]
+            if s.out.finish_reason is None:
+                i += 1
+                continue
+            last = self.running.pop()
+            if last is not s:
+                self.cache.move(last.slot, s.slot, last.cached)
+                last.slot = s.slot
+                self.running[i] = last
+            req = s.req
+            if req.output.finished:
+                req.done.set()
+                self._pending.pop(req.id, None)

@@ -1,0 +1,144 @@
+"""Sampling parameters and the batched sampler.
+
+One `SamplingParams` per request, checked once at submission so that a bad value is a clear error at
+the API boundary instead of a NaN deep inside a decode step. The sampler works on a whole decode
+batch at once (temperature, top-k and top-p are per-row tensors), and only the final draw loops over
+rows, because each sequence owns a `torch.Generator`: a seeded request then gives the same tokens
+whether it runs alone or next to fifteen others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+K2_DEFAULT_TEMPERATURE = 0.6  # Kimi K2's recommended sampling temperature
+MAX_N = 16
+MAX_TOP_LOGPROBS = 20
+MAX_STOP = 16
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = K2_DEFAULT_TEMPERATURE  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) = no top-k cut
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
+    stop_token_ids: list[int] = field(default_factory=list)  # in addition to EOS / <|im_end|>
+    ignore_eos: bool = False  # keep going past EOS / <|im_end|> (benchmarks)
+    n: int = 1  # independent completions of the same prompt
+    logprobs: bool = False
+    top_logprobs: int = 0
+    skip_special_tokens: bool = True  # False keeps tool-call markers in `text` for the parser
+    grammar: str | None = None  # llguidance grammar (see constrained.py); None = unconstrained
+    banned_token_ids: list[int] = field(default_factory=list)  # never sampled (tool_choice "none")
+
+    def validate(self, vocab_size: int) -> SamplingParams:
+        """Raise ValueError naming the offending field; returns self so calls chain."""
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        need(
+            is_int(self.max_tokens) and self.max_tokens >= 1,
+            f"max_tokens must be >= 1, got {self.max_tokens!r}",
+        )
+        need(
+            is_num(self.temperature) and 0 <= self.temperature <= 2,
+            f"temperature must be in [0, 2], got {self.temperature!r}",
+        )
+        need(is_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        need(is_int(self.top_k) and self.top_k >= -1, f"top_k must be -1, 0 or positive, got {self.top_k!r}")
+        need(self.seed is None or is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        need(is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n!r}")
+        need(
+            is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+            f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}",
+        )
+        need(
+            isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+            "stop must be a list of non-empty strings",
+        )
+        need(len(self.stop) <= MAX_STOP, f"at most {MAX_STOP} stop strings, got {len(self.stop)}")
+        for name in ("stop_token_ids", "banned_token_ids"):
+            ids = getattr(self, name)
+            need(
+                isinstance(ids, list) and all(is_int(i) and 0 <= i < vocab_size for i in ids),
+                f"{name} must be token ids in [0, {vocab_size})",
+            )
+        return self
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of the chosen token under the model (before temperature, top-k/p and grammar
+    masks), and the `top` most likely alternatives as (token id, logprob)."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+    masks: list[torch.Tensor | None],
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits (B, V) -> one token per row, plus its logprob record when the row asked for logprobs.
+
+    masks[i] is a bool (V,) tensor of allowed tokens (a grammar and/or banned tokens) or None.
+    """
+    logits = logits.float()
+    want_lp = [p.logprobs or p.top_logprobs > 0 for p in params]
+    logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+    if any(m is not None for m in masks):
+        everything = torch.ones_like(logits[0], dtype=torch.bool)
+        allowed = torch.stack([m if m is not None else everything for m in masks])
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    tokens = logits.argmax(dim=-1)
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+    rows = (temps > 0).nonzero().flatten()
+    if len(rows):
+        sub = logits[rows] / temps[rows].unsqueeze(-1)
+        top_k = torch.tensor([params[i].top_k for i in rows.tolist()])
+        top_p = torch.tensor([params[i].top_p for i in rows.tolist()], dtype=torch.float32)
+        if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+            sub = _top_k_top_p(sub, top_k, top_p)
+        probs = torch.softmax(sub, dim=-1)
+        for j, i in enumerate(rows.tolist()):
+            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+    out = tokens.tolist()
+    records: list[TokenLogprob | None] = []
+    for i, p in enumerate(params):
+        if not want_lp[i]:
+            records.append(None)
+            continue
+        top: list[tuple[int, float]] = []
+        if p.top_logprobs:
+            vals, ids = logprobs[i].topk(p.top_logprobs)
+            top = list(zip(ids.tolist(), vals.tolist()))
+        records.append(TokenLogprob(out[i], float(logprobs[i, out[i]]), top))
+    return out, records
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep, per row, the top_k most likely tokens and the smallest set whose mass reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    rank = torch.arange(logits.shape[-1]).unsqueeze(0)
+    cut = (top_k.unsqueeze(-1) > 0) & (rank >= top_k.unsqueeze(-1))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # the best token is always kept
+    cut |= mass_before >= top_p.unsqueeze(-1)
+    sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
