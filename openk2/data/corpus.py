@@ -96,5 +96,6 @@ def iter_documents(name: str, max_chars: int | None = None):
 
 
 def read_corpus(name: str, max_chars: int | None = None) -> str:
-    """The whole corpus as one string, files separated by a blank line; at most `max_chars`."""
+    """The whole corpus as one string, files separated by a blank line; `max_chars` bounds the
+    file text taken (the separators come on top)."""
     return "\n\n".join(iter_documents(name, max_chars))
