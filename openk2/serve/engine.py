@@ -183,16 +183,21 @@ class Engine:
         """Queue a request; returns its (filling) RequestOutput. on_event runs on the engine thread."""
         return self._submit(prompt, params, on_event, request_id).output
 
-    def _submit(self, prompt, params, on_event, request_id) -> _Request:
+    def check(self, prompt: list[int], params: SamplingParams | None = None) -> SamplingParams:
+        """Everything `submit` validates, without queueing: ValueError / ContextLengthError."""
         params = (params or SamplingParams()).validate(self.vocab_size)
-        prompt = [int(t) for t in prompt]
-        if any(not 0 <= t < self.vocab_size for t in prompt):
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         self.cache.check_fits(len(prompt), params.max_tokens)
-        if params.grammar is not None:
-            self.grammars.matcher(params.grammar)  # fail here, in the caller's thread, if it is broken
         if params.n > self.cache.slots:
             raise ValueError(f"n={params.n} exceeds the engine's {self.cache.slots} cache slots")
+        if params.grammar is not None:
+            self.grammars.matcher(params.grammar)  # fail in the caller's thread if it is broken
+        return params
+
+    def _submit(self, prompt, params, on_event, request_id) -> _Request:
+        prompt = [int(t) for t in prompt]
+        params = self.check(prompt, params)
         request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         req = _Request(request_id, prompt, params, on_event)
         with self._cv:

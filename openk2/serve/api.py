@@ -1,0 +1,513 @@
+"""OpenAI-compatible HTTP API over an `Engine`: /v1/models, /v1/chat/completions, /v1/completions,
+/health.
+
+Requests are parsed by hand into `SamplingParams` rather than through a pydantic model, so that every
+bad input becomes OpenAI's error shape `{"error": {"message", "type", "param", "code"}}` with a 4xx
+status and a message that names the field. Chat prompts are built by the chat template
+(`openk2.tokenizer.chat`) and tool calls are read back by its parser (`openk2.tokenizer.toolcalls`);
+this module never writes a K2 marker itself. `tool_choice` "required" or a named function is
+enforced with a grammar (constrained.py), "none" by banning the tokens that open a tool call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import jsonschema
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from openk2.serve.cache import ContextLengthError
+from openk2.serve.engine import Engine, EngineFullError, StreamEvent
+from openk2.serve.sampling import K2_DEFAULT_TEMPERATURE, SamplingParams, TokenLogprob
+from openk2.tokenizer.chat import encode_chat
+from openk2.tokenizer.toolcalls import StreamingToolCallParser, assistant_message, parse_tool_calls
+
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        kind = {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}.get(
+            self.status, "invalid_request_error" if self.status < 500 else "server_error"
+        )
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+def _get(body: dict, key: str, types: type | tuple, default: Any = None) -> Any:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise APIError(400, f"'{key}' has the wrong type: {type(value).__name__}", key)
+    if not isinstance(value, types):
+        raise APIError(400, f"'{key}' has the wrong type: {type(value).__name__}", key)
+    return value
+
+
+def _check_tools(tools: Any) -> list[dict] | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise APIError(400, "'tools' must be a list", "tools")
+    names = set()
+    for i, t in enumerate(tools):
+        where = f"tools[{i}]"
+        if (
+            not isinstance(t, dict)
+            or t.get("type", "function") != "function"
+            or not isinstance(t.get("function"), dict)
+        ):
+            raise APIError(400, f"{where} must be {{'type': 'function', 'function': {{...}}}}", where)
+        fn = t["function"]
+        name = fn.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            raise APIError(400, f"{where}.function.name must match {TOOL_NAME.pattern}, got {name!r}", where)
+        if name in names:
+            raise APIError(400, f"{where}: duplicate tool name {name!r}", where)
+        names.add(name)
+        schema = fn.get("parameters")
+        if schema is not None:
+            if not isinstance(schema, dict):
+                raise APIError(400, f"{where}.function.parameters must be a JSON schema object", where)
+            try:
+                jsonschema.validators.validator_for(schema).check_schema(schema)
+            except jsonschema.SchemaError as e:
+                message = f"{where}.function.parameters is not a valid JSON schema: {e.message}"
+                raise APIError(400, message, where) from None
+    return tools or None
+
+
+def _tool_choice(value: Any, tools: list[dict] | None) -> str | None:
+    """-> "auto" | "none" | "required" | a function name."""
+    if value is None:
+        return "auto" if tools else "none"
+    if value in ("auto", "none", "required"):
+        if value == "required" and not tools:
+            raise APIError(400, "tool_choice 'required' needs tools", "tool_choice")
+        return value
+    if isinstance(value, dict) and isinstance(value.get("function"), dict):
+        name = value["function"].get("name")
+        if not tools or name not in {t["function"]["name"] for t in tools}:
+            raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
+        return name
+    raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or a named function", "tool_choice")
+
+
+def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
+    for key in ("presence_penalty", "frequency_penalty"):
+        if body.get(key):
+            raise APIError(400, f"'{key}' is not supported (only 0)", key)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise APIError(400, "'stop' must be a string or a list of strings", "stop")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    params = SamplingParams(
+        max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+        temperature=_get(body, "temperature", (int, float), K2_DEFAULT_TEMPERATURE),
+        top_p=_get(body, "top_p", (int, float), 1.0),
+        top_k=_get(body, "top_k", int, 0),
+        seed=_get(body, "seed", int),
+        stop=[s for s in stop or [] if s],
+        n=_get(body, "n", int, 1),
+        ignore_eos=_get(body, "ignore_eos", bool, False),
+    )
+    try:
+        return params.validate(1 << 62)
+    except ValueError as e:
+        raise APIError(400, str(e), str(e).split(" ")[0]) from None
+
+
+def _stream_options(body: dict) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise APIError(400, "'stream_options' must be an object", "stream_options")
+    if not body.get("stream"):
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return bool(opts.get("include_usage"))
+
+
+# ---------------------------------------------------------------------------------------------- the app
+def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app; starts the engine thread on startup and stops it on shutdown."""
+    tokenizer = engine.tokenizer
+    grammars = engine.grammars  # built once here, not on the first constrained request
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="openk2", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return error_response(APIError(e.status_code, str(e.detail)))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization") != f"Bearer {api_key}":
+                return error_response(APIError(401, "invalid or missing API key", code="invalid_api_key"))
+        return await call_next(request)
+
+    async def read_body(request: Request) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise APIError(400, "'model' is required", "model")
+        if model != model_name:
+            message = f"the model '{model}' does not exist; this server serves '{model_name}'"
+            raise APIError(404, message, "model", "model_not_found")
+        return body
+
+    def submit_check(prompt: list[int], params: SamplingParams) -> None:
+        try:
+            engine.check(prompt, params)
+        except ContextLengthError as e:
+            raise APIError(400, str(e), "messages", "context_length_exceeded") from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+
+    async def events(
+        prompts: list[list[int]], params: SamplingParams
+    ) -> AsyncIterator[tuple[int, StreamEvent]]:
+        """Merge the event streams of several prompts; leaving early aborts all of them."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, prompt: list[int]) -> None:
+            try:
+                async for ev in engine.stream(prompt, params):
+                    queue.put_nowait((i, ev))
+            except EngineFullError as e:
+                queue.put_nowait((i, APIError(503, str(e), code="overloaded")))
+            finally:
+                queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
+        try:
+            open_streams = len(tasks)
+            while open_streams:
+                i, ev = await queue.get()
+                if ev is None:
+                    open_streams -= 1
+                elif isinstance(ev, APIError):
+                    raise ev
+                else:
+                    yield i, ev
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def collect(request: Request, prompts: list[list[int]], params: SamplingParams) -> list[dict]:
+        """Non-streamed: run to the end, but abort if the client goes away meanwhile."""
+        results = [
+            {"tokens": [], "text": [], "logprobs": [], "finish": None} for _ in range(len(prompts) * params.n)
+        ]
+
+        async def run() -> None:
+            async for i, ev in events(prompts, params):
+                r = results[i * params.n + ev.index]
+                r["tokens"] += ev.token_ids
+                r["text"].append(ev.text)
+                r["logprobs"] += ev.logprobs
+                r["finish"] = ev.finish_reason or r["finish"]
+
+        task = asyncio.create_task(run())
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.2)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                raise APIError(499, "client disconnected")
+        task.result()
+        for r in results:
+            r["text"] = "".join(r["text"])
+            if r["finish"] == "error":
+                raise APIError(500, "the engine failed while generating; see the server log")
+        return results
+
+    def token_str(token_id: int) -> str:
+        return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def chat_logprobs(lps: list[TokenLogprob]) -> dict:
+        def one(tid: int, lp: float) -> dict:
+            return {"token": token_str(tid), "logprob": lp, "bytes": list(tokenizer.token_bytes(tid))}
+
+        return {
+            "content": [
+                {**one(x.token_id, x.logprob), "top_logprobs": [one(t, v) for t, v in x.top]} for x in lps
+            ]
+        }
+
+    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    # ------------------------------------------------------------------ endpoints
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, **engine.stats()}
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "openk2"}
+        return {"object": "list", "data": [{**card, "max_model_len": engine.max_seq_len}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await read_body(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "'messages' must be a non-empty list", "messages")
+        tools = _check_tools(body.get("tools"))
+        choice = _tool_choice(body.get("tool_choice"), tools)
+        try:
+            prompt = encode_chat(tokenizer, messages, tools=tools, add_generation_prompt=True).ids
+        except (ValueError, KeyError, TypeError) as e:
+            raise APIError(400, f"invalid messages: {e}", "messages") from None
+        params = _sampling(body, max(1, engine.max_seq_len - len(prompt) + 1))
+        params.logprobs = bool(_get(body, "logprobs", bool, False))
+        params.top_logprobs = _get(body, "top_logprobs", int, 0)
+        if params.top_logprobs and not params.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        params.skip_special_tokens = tools is None
+        try:
+            if choice == "none" and tools:
+                params.banned_token_ids = [
+                    tokenizer.tool_calls_section_begin_id,
+                    tokenizer.tool_call_begin_id,
+                ]
+            elif choice == "required":
+                params.grammar = grammars.tool_calls(tools)
+            elif choice not in ("auto", "none"):
+                params.grammar = grammars.tool_calls(tools, name=choice)
+            else:
+                params.grammar = _response_format(body.get("response_format"), grammars)
+        except ValueError as e:
+            raise APIError(400, str(e), "tools" if tools else "response_format") from None
+        submit_check(prompt, params)
+        include_usage = _stream_options(body)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "created": created, "model": model_name}
+
+        if not body.get("stream"):
+            results = await collect(request, [prompt], params)
+            choices = []
+            for i, r in enumerate(results):
+                finish = r["finish"]
+                if tools is not None:
+                    parsed = parse_tool_calls(r["text"], tools)
+                    message = assistant_message(parsed)
+                    if parsed.tool_calls and finish == "stop":
+                        finish = "tool_calls"
+                else:
+                    message = {"role": "assistant", "content": r["text"]}
+                lp = chat_logprobs(r["logprobs"]) if params.logprobs else None
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
+            n_out = sum(len(r["tokens"]) for r in results)
+            return {
+                **head,
+                "object": "chat.completion",
+                "choices": choices,
+                "usage": usage(len(prompt), n_out),
+            }
+
+        async def sse() -> AsyncIterator[str]:
+            def chunk(choices: list[dict], **extra) -> str:
+                return (
+                    "data: "
+                    + json.dumps({**head, "object": "chat.completion.chunk", "choices": choices, **extra})
+                    + "\n\n"
+                )
+
+            parsers = [StreamingToolCallParser(tools) if tools is not None else None for _ in range(params.n)]
+            n_out = 0
+            for i in range(params.n):
+                role = {"role": "assistant", "content": ""}
+                yield chunk([{"index": i, "delta": role, "logprobs": None, "finish_reason": None}])
+            try:
+                async for _, ev in events([prompt], params):
+                    n_out += len(ev.token_ids)
+                    parser = parsers[ev.index]
+                    if parser is not None:
+                        deltas = [d.to_openai() for d in parser.feed(ev.text)]
+                        if ev.finish_reason:
+                            deltas += [d.to_openai() for d in parser.finish()]
+                    else:
+                        deltas = [{"content": ev.text}] if ev.text else []
+                    lp = chat_logprobs(ev.logprobs) if params.logprobs and ev.logprobs else None
+                    if lp is not None and not deltas:
+                        deltas = [{"content": ""}]
+                    for d in deltas:
+                        yield chunk([{"index": ev.index, "delta": d, "logprobs": lp, "finish_reason": None}])
+                        lp = None
+                    if ev.finish_reason:
+                        finish = ev.finish_reason
+                        if parser is not None and parser.result().tool_calls and finish == "stop":
+                            finish = "tool_calls"
+                        yield chunk(
+                            [{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": finish}]
+                        )
+            except APIError as e:
+                yield "data: " + json.dumps(e.body()) + "\n\n"
+            if include_usage:
+                yield chunk([], usage=usage(len(prompt), n_out))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await read_body(request)
+        prompts = _completion_prompts(body.get("prompt"), tokenizer)
+        for key in ("suffix", "best_of"):
+            if body.get(key) not in (None, 1) or (key == "suffix" and body.get(key)):
+                raise APIError(400, f"'{key}' is not supported", key)
+        echo = bool(_get(body, "echo", bool, False))
+        params = _sampling(body, 16)
+        top = _get(body, "logprobs", int)
+        if top is not None:
+            if not 0 <= top <= 20:
+                raise APIError(400, "'logprobs' must be in [0, 20]", "logprobs")
+            params.logprobs, params.top_logprobs = True, top
+            if echo:
+                raise APIError(400, "'echo' together with 'logprobs' is not supported", "echo")
+        params.grammar = _response_format(body.get("response_format"), grammars)
+        for p in prompts:
+            submit_check(p, params)
+        include_usage = _stream_options(body)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
+        n_prompt = sum(len(p) for p in prompts)
+
+        def legacy_logprobs(lps: list[TokenLogprob], offset: int) -> dict:
+            tokens = [token_str(x.token_id) for x in lps]
+            # skipped special tokens add nothing to the text, so they do not move the offset
+            lengths = [0 if tokenizer.is_special(x.token_id) else len(t) for x, t in zip(lps, tokens)]
+            offsets = [offset + sum(lengths[:k]) for k in range(len(tokens))]
+            return {
+                "tokens": tokens,
+                "token_logprobs": [x.logprob for x in lps],
+                "top_logprobs": [{token_str(t): v for t, v in x.top} for x in lps],
+                "text_offset": offsets,
+            }
+
+        if not body.get("stream"):
+            results = await collect(request, prompts, params)
+            choices = []
+            for k, r in enumerate(results):
+                prefix = tokenizer.decode(prompts[k // params.n]) if echo else ""
+                lp = legacy_logprobs(r["logprobs"], 0) if params.logprobs else None
+                choices.append(
+                    {"index": k, "text": prefix + r["text"], "logprobs": lp, "finish_reason": r["finish"]}
+                )
+            n_out = sum(len(r["tokens"]) for r in results)
+            return {**head, "choices": choices, "usage": usage(n_prompt, n_out)}
+
+        async def sse() -> AsyncIterator[str]:
+            n_out = 0
+            offsets = [0] * (len(prompts) * params.n)
+            try:
+                if echo:
+                    for k in range(len(offsets)):
+                        text = tokenizer.decode(prompts[k // params.n])
+                        c = {"index": k, "text": text, "logprobs": None, "finish_reason": None}
+                        yield "data: " + json.dumps({**head, "choices": [c]}) + "\n\n"
+                async for i, ev in events(prompts, params):
+                    k = i * params.n + ev.index
+                    n_out += len(ev.token_ids)
+                    lp = legacy_logprobs(ev.logprobs, offsets[k]) if params.logprobs and ev.logprobs else None
+                    offsets[k] += len(ev.text)
+                    if ev.text or lp or ev.finish_reason:
+                        c = {"index": k, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}
+                        yield "data: " + json.dumps({**head, "choices": [c]}) + "\n\n"
+            except APIError as e:
+                yield "data: " + json.dumps(e.body()) + "\n\n"
+            if include_usage:
+                yield "data: " + json.dumps({**head, "choices": [], "usage": usage(n_prompt, n_out)}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    return app
+
+
+def _response_format(fmt: Any, grammars) -> str | None:
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+        raise APIError(
+            400, "response_format.type must be 'text', 'json_object' or 'json_schema'", "response_format"
+        )
+    if fmt["type"] == "text":
+        return None
+    try:
+        if fmt["type"] == "json_object":
+            return grammars.json_object()
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise APIError(
+                400, "response_format.json_schema must be {'name': ..., 'schema': {...}}", "response_format"
+            )
+        schema = spec.get("schema") or {"type": "object"}
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as e:
+            raise APIError(
+                400, f"response_format schema is invalid: {e.message}", "response_format"
+            ) from None
+        return grammars.json_schema(schema)
+    except ValueError as e:
+        raise APIError(400, str(e), "response_format") from None
+
+
+def _completion_prompts(prompt: Any, tokenizer) -> list[list[int]]:
+    """prompt: a string, a list of strings, a list of token ids, or a list of such lists."""
+
+    def one(p: Any) -> list[int]:
+        if isinstance(p, str):
+            if not p:
+                raise APIError(400, "'prompt' must not be empty", "prompt")
+            return tokenizer.encode(p)
+        if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            return p
+        raise APIError(400, "'prompt' must be a string, a list of strings or a list of token ids", "prompt")
+
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        return [one(p) for p in prompt]
+    return [one(prompt)]

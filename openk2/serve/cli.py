@@ -1,0 +1,71 @@
+"""`openk2 serve CHECKPOINT`: the OpenAI-compatible server (FastAPI + uvicorn) for one checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from openk2.tokenizer.tokenizer import MODEL_FILE, K2Tokenizer
+
+
+def load_tokenizer(checkpoint: str | Path, vocab_size: int) -> K2Tokenizer:
+    """The checkpoint's own tokenizer files; without them, the shipped tokenizer whose size matches
+    the model (`small`: the default BPE, `tiny`: byte level)."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / MODEL_FILE).is_file():
+        return K2Tokenizer.from_pretrained(checkpoint)
+    for make in (K2Tokenizer.default, K2Tokenizer.byte_level):
+        tok = make()
+        if tok.vocab_size == vocab_size:
+            return tok
+    raise FileNotFoundError(
+        f"{checkpoint} has no {MODEL_FILE} and no shipped tokenizer has the model's {vocab_size} ids"
+    )
+
+
+def load_engine(checkpoint: str, max_batch: int, max_seq_len: int | None, dtype: str | None):
+    from openk2.model.transformer import Transformer
+    from openk2.serve.engine import Engine
+
+    path = Path(checkpoint)
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"error: {checkpoint} is not a checkpoint directory (no config.json)")
+    torch_dtype = getattr(torch, dtype) if dtype else None
+    model = Transformer.from_pretrained(path, dtype=torch_dtype)
+    tokenizer = load_tokenizer(path, model.config.vocab_size)
+    return Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="directory with config.json, safetensors and tokenizer files")
+    parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (cache slots)")
+    parser.add_argument(
+        "--max-seq-len", type=int, default=None, help="tokens per cache slot (prompt + output)"
+    )
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", default=None, help="model id clients send (default: dir name)")
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    parser.add_argument("--log-level", default="info")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from openk2.serve.api import create_app
+
+    logging.basicConfig(level=args.log_level.upper())
+    engine = load_engine(args.checkpoint, args.max_batch, args.max_seq_len, args.dtype)
+    name = args.served_model_name or Path(args.checkpoint).resolve().name
+    app = create_app(engine, name, api_key=args.api_key)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({engine.stats()})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
