@@ -1,0 +1,67 @@
+"""Shared by the serving tests: a small random model and a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import torch
+import uvicorn
+
+from openk2 import ModelConfig
+from openk2.model.transformer import Transformer
+from openk2.serve.api import create_app
+from openk2.serve.engine import Engine
+from openk2.tokenizer.tokenizer import K2Tokenizer
+
+MODEL = "openk2-test"
+
+
+def tiny_model(seed: int = 0, max_positions: int = 1024) -> Transformer:
+    """The `tiny` preset (byte-level vocabulary) with a context long enough for tool declarations."""
+    torch.manual_seed(seed)
+    config = ModelConfig.from_preset("tiny")
+    config.max_position_embeddings = max_positions
+    return Transformer(config).eval()
+
+
+def tiny_engine(max_batch: int = 8, max_seq_len: int = 1024, seed: int = 0) -> Engine:
+    return Engine(
+        tiny_model(seed, max_seq_len), K2Tokenizer.byte_level(), max_batch=max_batch, max_seq_len=max_seq_len
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving `create_app(engine)` in a background thread, on a free loopback port."""
+
+    def __init__(self, engine: Engine, api_key: str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app(engine, MODEL, api_key=api_key)
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -1,0 +1,180 @@
+"""Engine: the cached forward equals the plain forward, batching changes nothing, the scheduler admits,
+queues, retires and aborts correctly, sampling parameters do what they say."""
+
+from __future__ import annotations
+
+import threading
+
+import jsonschema
+import pytest
+import torch
+from serve_util import tiny_engine, tiny_model
+
+from openk2.serve.cache import ContextLengthError
+from openk2.serve.engine import Engine, EngineFullError
+from openk2.serve.sampling import SamplingParams
+from openk2.tokenizer.tokenizer import K2Tokenizer
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+
+def plain_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding with the full forward pass over the whole sequence each step (no cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return tiny_engine(max_batch=4, max_seq_len=256)
+
+
+def prompts(tok: K2Tokenizer) -> list[list[int]]:
+    texts = ["hello world", "a", "The quick brown fox jumps over", "tools: [1, 2, 3]", "zz top", "MLA cache"]
+    return [tok.encode(t) for t in texts]
+
+
+def test_greedy_equals_plain_forward(engine):
+    ps = prompts(engine.tokenizer)
+    outs = engine.generate(ps, GREEDY)  # 6 prompts through 4 slots: queueing and slot reuse too
+    for p, out in zip(ps, outs):
+        assert out.completions[0].token_ids == plain_greedy(engine.model, p, 16)
+        assert out.completions[0].finish_reason == "length"
+
+
+def test_batched_equals_one_at_a_time(engine):
+    ps = prompts(engine.tokenizer)
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_k=40, top_p=0.9, seed=7, ignore_eos=True)
+    together = [o.completions[0].token_ids for o in engine.generate(ps, params)]
+    alone = [engine.generate([p], params)[0].completions[0].token_ids for p in ps]
+    assert together == alone
+    unseeded = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    a, b = engine.generate([ps[0], ps[0]], unseeded)
+    assert a.completions[0].token_ids != b.completions[0].token_ids
+
+
+def test_bf16_engine_greedy_matches_plain_forward():
+    model = tiny_model(seed=3).to(torch.bfloat16)
+    eng = Engine(model, K2Tokenizer.byte_level(), max_batch=2, max_seq_len=128)
+    p = eng.tokenizer.encode("bfloat16 cache")
+    assert eng.cache.kv.dtype == torch.bfloat16
+    out = eng.generate([p], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    assert out.completions[0].token_ids == plain_greedy(model, p, 6)
+
+
+def test_cache_holds_only_the_latent(engine):
+    cfg = engine.config
+    assert engine.cache.kv.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert engine.cache.bytes_per_token == cfg.num_hidden_layers * cfg.kv_cache_dim * 4
+
+
+def test_n_logprobs_and_seed(engine):
+    p = engine.tokenizer.encode("sample me")
+    params = SamplingParams(max_tokens=8, n=3, seed=11, logprobs=True, top_logprobs=3, ignore_eos=True)
+    out = engine.generate([p], params)[0]
+    assert [c.index for c in out.completions] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in out.completions}) > 1  # the n choices differ
+    again = engine.generate([p], params)[0]
+    assert [c.token_ids for c in again.completions] == [c.token_ids for c in out.completions]
+    with torch.no_grad():
+        logits = engine.model(torch.tensor([p]))[0, -1].float()
+    first = out.completions[0].logprobs[0]
+    expected = torch.log_softmax(logits, -1)
+    assert first.logprob == pytest.approx(float(expected[first.token_id]), abs=1e-4)
+    assert [t for t, _ in first.top] == expected.topk(3).indices.tolist()
+
+
+def test_stop_strings_and_tokens(engine):
+    p = engine.tokenizer.encode("stop test")
+    raw = dict(max_tokens=16, temperature=0, ignore_eos=True, skip_special_tokens=False)
+    free = engine.generate([p], SamplingParams(**raw))[0].completions[0]
+    stop = free.text[5:7]
+    assert len(stop) == 2
+    out = engine.generate([p], SamplingParams(**raw, stop=[stop]))[0]
+    c = out.completions[0]
+    assert c.finish_reason == "stop" and c.text == free.text[: free.text.find(stop)]
+    tok = free.token_ids[3]
+    out = engine.generate(
+        [p], SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[tok], ignore_eos=True)
+    )
+    c = out[0].completions[0]
+    assert c.finish_reason == "stop" and c.token_ids == free.token_ids[: free.token_ids.index(tok) + 1]
+
+
+def test_streamed_text_equals_final_text(engine):
+    events = []
+    p = engine.tokenizer.encode("stream")
+    params = SamplingParams(max_tokens=20, temperature=0, stop=["zz"], ignore_eos=True)
+    out = engine.submit(p, params, on_event=events.append)
+    while not out.finished:
+        engine.step()
+    assert "".join(e.text for e in events) == out.completions[0].text
+    assert [t for e in events for t in e.token_ids] == out.completions[0].token_ids
+    assert events[-1].finish_reason == out.completions[0].finish_reason
+
+
+def test_json_schema_constraint(engine):
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "size": {"enum": ["S", "M", "L"]}},
+        "required": ["ok", "size"],
+        "additionalProperties": False,
+    }
+    params = SamplingParams(
+        max_tokens=60, temperature=1.0, seed=0, grammar=engine.grammars.json_schema(schema)
+    )
+    out = engine.generate([engine.tokenizer.encode("json please")] * 3, params)
+    import json
+
+    for o in out:
+        assert o.completions[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(o.completions[0].text), schema)
+
+
+def test_limits_give_clear_errors(engine):
+    with pytest.raises(ContextLengthError, match="context is 256 tokens"):
+        engine.submit(list(range(200)), SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match="temperature"):
+        engine.submit([1, 2], SamplingParams(temperature=3.0))
+    with pytest.raises(ValueError, match="top_p"):
+        engine.submit([1, 2], SamplingParams(top_p=0))
+    with pytest.raises(ValueError, match="token ids"):
+        engine.submit([1, 10**6], SamplingParams())
+    with pytest.raises(ValueError, match="cache slots"):
+        engine.submit([1, 2], SamplingParams(n=5, max_tokens=4))
+    small = Engine(engine.model, engine.tokenizer, max_batch=1, max_seq_len=64, max_queue=1)
+    small.submit([1, 2], GREEDY)
+    with pytest.raises(EngineFullError, match="queue is full"):
+        small.submit([1, 2], GREEDY)
+
+
+def test_abort_frees_the_slot(engine):
+    eng = Engine(engine.model, engine.tokenizer, max_batch=1, max_seq_len=256).start()
+    try:
+        long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+        first = eng.submit([5, 6, 7], long)
+        second = eng.submit([8, 9], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        eng.abort(first.request_id)
+        done = threading.Event()
+        while not second.finished:
+            done.wait(0.01)
+        assert first.completions[0].finish_reason == "abort"
+        assert len(first.completions[0].token_ids) < 200
+        assert second.completions[0].finish_reason == "length"
+        assert eng.stats()["running"] == 0
+    finally:
+        eng.stop()
+
+
+def test_load_weights_syncs_a_new_model(engine):
+    eng = Engine(tiny_model(seed=1, max_positions=256), engine.tokenizer, max_batch=2, max_seq_len=256)
+    p = engine.tokenizer.encode("weights")
+    before = eng.generate([p], GREEDY)[0].completions[0].token_ids
+    seconds = eng.load_weights(engine.model)
+    after = eng.generate([p], GREEDY)[0].completions[0].token_ids
+    assert seconds >= 0 and after == plain_greedy(engine.model, p, 16) and before != after
+    with pytest.raises(ValueError, match="missing"):
+        eng.load_weights({"norm.weight": torch.ones(64)})
