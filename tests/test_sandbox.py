@@ -15,9 +15,12 @@ from openk2.sandbox import SandboxLimits, run_command, run_python
 FAST = SandboxLimits(cpu_seconds=2, wall_seconds=4, max_processes=16)
 
 
-def _uid_processes(uid_floor: int = sandbox.UID_BASE) -> list[str]:
+def _uid_processes() -> list[str]:
+    """Live or zombie processes under the uids this test process hands out (other processes' sandboxes
+    running at the same time use other uids)."""
+    first = sandbox.UID_BASE + (os.getpid() % 4096) * 256
     out = subprocess.run(["ps", "-eo", "uid=,pid=,stat=,cmd="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if int(line.split()[0]) >= uid_floor]
+    return [line for line in out.splitlines() if first <= int(line.split()[0]) < first + 256]
 
 
 @pytest.fixture(params=["native", "audit-hook"])
