@@ -1,0 +1,306 @@
+"""The HTTP server end to end: a real uvicorn on 127.0.0.1, driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from serve_util import MODEL, LiveServer, free_port, tiny_engine, tiny_model
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"enum": ["Paris", "London", "Tokyo"]}, "celsius": {"type": "boolean"}},
+    "required": ["city", "celsius"],
+    "additionalProperties": False,
+}
+TIME = {
+    "type": "object",
+    "properties": {"tz": {"enum": ["UTC", "CET"]}},
+    "required": ["tz"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "weather", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "ns.get-time", "parameters": TIME}},
+]
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LiveServer(tiny_engine(max_batch=8)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def schema_of(name: str) -> dict:
+    return next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == name)
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["running"] == 0
+
+
+def test_plain_and_streamed_chat_agree(client):
+    kw = dict(model=MODEL, messages=USER, max_tokens=12, temperature=0)
+    full = client.chat.completions.create(**kw)
+    choice = full.choices[0]
+    assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
+    assert full.usage.completion_tokens <= 12 and full.usage.prompt_tokens > 0
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+
+
+def test_tool_call_round_trip(client):
+    first = client.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=200,
+        temperature=0.7,
+        seed=1,
+    )
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+    for i, call in enumerate(choice.message.tool_calls):
+        assert call.id == f"functions.{call.function.name}:{i}"
+        jsonschema.validate(json.loads(call.function.arguments), schema_of(call.function.name))
+    assistant = choice.message.model_dump(exclude_none=True)
+    results = [
+        {"role": "tool", "tool_call_id": c.id, "name": c.function.name, "content": '{"temp": 21}'}
+        for c in choice.message.tool_calls
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=USER + [assistant] + results, tools=TOOLS, tool_choice="none", max_tokens=10
+    )
+    assert second.choices[0].message.tool_calls is None
+    assert second.choices[0].finish_reason in ("stop", "length")
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+
+
+def test_named_tool_choice(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "ns.get-time"}},
+        max_tokens=100,
+    )
+    calls = r.choices[0].message.tool_calls
+    assert [c.function.name for c in calls] == ["ns.get-time"] and calls[0].id == "functions.ns.get-time:0"
+    jsonschema.validate(json.loads(calls[0].function.arguments), TIME)
+
+
+@pytest.mark.parametrize("seed", [0, 3, 5])
+def test_streamed_tool_calls_reassemble_to_the_unstreamed_result(client, seed):
+    kw = dict(model=MODEL, messages=USER, tools=TOOLS, tool_choice="required", max_tokens=300, seed=seed)
+    full = client.chat.completions.create(**kw).choices[0]
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        delta = chunk.choices[0].delta
+        finish = chunk.choices[0].finish_reason or finish
+        for d in delta.tool_calls or []:
+            call = calls.setdefault(d.index, {"id": None, "name": None, "arguments": ""})
+            call["id"] = d.id or call["id"]
+            call["name"] = (d.function.name if d.function else None) or call["name"]
+            call["arguments"] += (d.function.arguments or "") if d.function else ""
+    expected = [
+        {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+        for c in full.message.tool_calls
+    ]
+    assert [calls[i] for i in sorted(calls)] == expected
+    assert finish == full.finish_reason == "tool_calls"
+
+
+def test_json_schema_response_validates(client):
+    schema = {
+        "type": "object",
+        "properties": {
+            "answer": {"enum": ["yes", "no"]},
+            "confidence": {"type": "integer", "enum": [1, 2, 3]},
+        },
+        "required": ["answer", "confidence"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema, "strict": True}}
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model=MODEL, messages=USER, response_format=fmt, max_tokens=80, seed=seed
+        )
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=USER,
+        response_format={"type": "json_object"},
+        max_tokens=200,
+        seed=0,
+        temperature=0.3,
+    )
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_n_and_logprobs(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=USER, n=2, max_tokens=5, logprobs=True, top_logprobs=2, seed=4
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:
+        assert len(c.logprobs.content) == 5 and all(len(t.top_logprobs) == 2 for t in c.logprobs.content)
+        assert all(t.logprob <= 0 for t in c.logprobs.content)
+    assert r.usage.completion_tokens == 10
+
+
+def test_completions_endpoint(client):
+    r = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0, logprobs=2
+    )
+    c = r.choices[0]
+    assert len(c.logprobs.tokens) == r.usage.completion_tokens <= 6
+    streamed = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True
+    )
+    assert "".join(ch.choices[0].text for ch in streamed) == c.text
+    batch = client.completions.create(
+        model=MODEL, prompt=["a", "b"], max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert sorted(ch.index for ch in batch.choices) == [0, 1] and batch.usage.completion_tokens == 6
+
+
+def _error(server, body, path="/v1/chat/completions", raw=None) -> tuple[int, dict]:
+    r = httpx.post(server.url + path, content=raw, json=None if raw is not None else body, timeout=30)
+    return r.status_code, r.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"model": MODEL, "messages": USER, "temperature": 5}, "temperature"),
+        ({"model": MODEL, "messages": USER, "top_p": 0}, "top_p"),
+        ({"model": MODEL, "messages": USER, "max_tokens": 0}, "max_tokens"),
+        ({"model": MODEL, "messages": USER, "n": 99}, "n"),
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+        ({"model": MODEL, "messages": USER, "tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "model": MODEL,
+                "messages": USER,
+                "tools": [{"type": "function", "function": {"name": "bad name!"}}],
+            },
+            None,
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": USER,
+                "tools": [
+                    {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
+                ],
+            },
+            None,
+        ),
+        ({"model": MODEL, "messages": USER, "response_format": {"type": "xml"}}, "response_format"),
+    ],
+)
+def test_bad_requests_are_400(server, body, param):
+    status, err = _error(server, body)
+    assert status == 400 and err["type"] == "invalid_request_error" and err["message"]
+    if param:
+        assert err["param"] == param
+
+
+def test_error_shapes(server):
+    status, err = _error(server, None, raw=b'{"model": ')
+    assert status == 400 and "not valid JSON" in err["message"]
+    status, err = _error(server, {"model": "gpt-9", "messages": USER})
+    assert status == 404 and err["code"] == "model_not_found"
+    long = [{"role": "user", "content": "x" * 2000}]
+    status, err = _error(server, {"model": MODEL, "messages": long})
+    assert status == 400 and err["code"] == "context_length_exceeded"
+    status, err = _error(server, {"model": MODEL, "messages": USER, "max_tokens": 5000})
+    assert status == 400 and err["code"] == "context_length_exceeded"
+    status, err = _error(server, {"model": MODEL, "prompt": [1, 10**9]}, path="/v1/completions")
+    assert status == 400
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_disconnected_stream_frees_its_slot(server):
+    body = {"model": MODEL, "messages": USER, "max_tokens": 900, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=30) as h, h.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        next(lines)
+        assert httpx.get(server.url + "/health").json()["running"] == 1
+    deadline = time.time() + 20
+    while httpx.get(server.url + "/health").json()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(server.url + "/health").json()["running"] == 0
+
+
+def test_disconnected_unstreamed_request_frees_its_slot(server):
+    body = {"model": MODEL, "messages": USER, "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.5)
+    deadline = time.time() + 20
+    while httpx.get(server.url + "/health").json()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(server.url + "/health").json()["running"] == 0
+
+
+def test_api_key():
+    with LiveServer(tiny_engine(max_batch=1, max_seq_len=512), api_key="sekret") as srv:
+        bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=srv.url + "/v1", api_key="sekret", max_retries=0)
+        assert good.models.list().data[0].id == MODEL
+        assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_openk2_serve_cli(tmp_path):
+    """`openk2 serve CHECKPOINT` in a real subprocess, loading a saved checkpoint."""
+    tiny_model(seed=0, max_positions=512).save_pretrained(tmp_path / "ckpt")
+    port = free_port()
+    cmd = [sys.executable, "-m", "openk2.cli", "serve", str(tmp_path / "ckpt"), "--port", str(port)]
+    cmd += ["--served-model-name", MODEL, "--max-batch", "2", "--log-level", "warning"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, temperature=0)
+        assert r.usage.completion_tokens == 4 or r.choices[0].finish_reason == "stop"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
