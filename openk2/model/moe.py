@@ -67,6 +67,8 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        # Save activations as FP8 for the backward (see openk2/train/memory.py); off by default.
+        self.fp8_activations = False
 
     @property
     def n_local(self) -> int:
@@ -80,6 +82,11 @@ class Experts(nn.Module):
         gate, up, down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
         for e, xe in enumerate(x.split(counts)):
             if xe.shape[0] == 0:
+                continue
+            if self.fp8_activations and torch.is_grad_enabled():
+                from openk2.train.memory import fp8_expert_ffn
+
+                outs.append(fp8_expert_ffn(xe, gate[e], up[e], down[e]))
                 continue
             outs.append(swiglu(xe @ gate[e].T, xe @ up[e].T) @ down[e].T)
         return torch.cat(outs) if outs else x.new_zeros(0, self.down_proj.shape[1])

@@ -1,0 +1,84 @@
+"""`openk2 train`: pre-train a model. With no arguments: the `small` preset with MuonClip on the
+embedded Shakespeare corpus, sized to finish in about five minutes on two CPU cores, then a sample."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+
+from openk2.train.loop import OPTIMIZERS, TrainConfig, TrainingDiverged, pretrain
+from openk2.train.memory import MemoryOptions
+from openk2.train.schedule import SCHEDULES
+
+HELP = {
+    "preset": "model preset (small, tiny, ...)",
+    "corpus": "shakespeare, python-stdlib, or a text file / directory",
+    "tokenizer": "auto, default, byte-level, or a tokenizer directory",
+    "out_dir": "run directory: metrics.jsonl, tensorboard/, curves.png, checkpoints/",
+    "steps": "optimizer steps (the schedule's length)",
+    "batch_size": "sequences per micro-batch",
+    "seq_len": "tokens per sequence",
+    "grad_accum": "micro-batches per optimizer step",
+    "lr": "peak learning rate (shared by the Muon and AdamW parts)",
+    "qk_clip_tau": "QK-Clip threshold on the max attention logit",
+    "bias_update_rate": "aux-loss-free routing-bias step per optimizer step",
+    "aux_loss_alpha": "sequence-wise aux loss weight (default: the model config's)",
+    "max_chars": "use only the first N characters of the corpus",
+    "stop_at": "stop after this step as if interrupted (resume later with the same command)",
+    "threads": "torch CPU threads",
+    "device": "auto, cpu, cuda, cuda:1, ...",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        if f.name in ("memory", "progress", "tensorboard"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=HELP.get(f.name))
+            continue
+        optional = {"aux_loss_alpha": float, "max_chars": int, "stop_at": int, "threads": int}
+        kind = optional.get(f.name, type(value))
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}.get(f.name)
+        p.add_argument(flag, type=kind, default=value, choices=choices, help=HELP.get(f.name))
+    p.add_argument("--recompute", action="store_true", help="selective recomputation (norms, SwiGLU, MLA)")
+    p.add_argument("--fp8-activations", action="store_true", help="save expert activations as FP8 (1x128)")
+    p.add_argument("--offload", action="store_true", help="offload saved activations to pinned CPU memory")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run has checkpoints")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    p.add_argument("--no-sample", action="store_true", help="do not print a sample at the end")
+
+
+def run(args: argparse.Namespace) -> int:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values["memory"] = MemoryOptions(args.recompute, args.fp8_activations, args.offload)
+    values["progress"] = not args.no_progress
+    values["tensorboard"] = not args.no_tensorboard
+    try:
+        cfg = TrainConfig(**values).validate()
+        summary = pretrain(cfg, resume=not args.no_resume)
+    except TrainingDiverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    eval_loss = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
+    print(
+        f"trained {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.0f} s "
+        f"({summary['tokens_per_s']:.0f} tokens/s); train loss {summary['train_loss']:.4f}, "
+        f"eval loss {eval_loss}"
+    )
+    print(f"checkpoint: {summary['checkpoint']}\ncurves:     {summary['curves']}")
+    if not args.no_sample and summary["checkpoint"] and summary["steps"] >= cfg.steps:
+        from openk2.train.sample import generate_text
+
+        prompt = "ROMEO:" if cfg.corpus == "shakespeare" else ""
+        print(f"\n$ openk2 sample {summary['checkpoint']} --prompt {prompt!r}")
+        print(generate_text(summary["checkpoint"], prompt, max_new_tokens=80, seed=cfg.seed))
+    return 0

@@ -1,0 +1,195 @@
+"""The pre-training loop: bit-identical resume, NaN handling, checkpoints, schedules, data, loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from openk2 import ModelConfig, Transformer
+from openk2.train.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state
+from openk2.train.data import PackedLoader, segment_ids_from_eos
+from openk2.train.logging import read_metrics
+from openk2.train.loop import (
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    build_optimizer,
+    causal_lm_loss,
+    pretrain,
+)
+from openk2.train.schedule import Schedule
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENK2_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "queen", "said", "to", "his", "her", "and", "of", "a", "crown", "sword"]
+    docs = [" ".join(rng.choice(words, 400)) + "." for _ in range(6)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(docs))
+    return str(path)
+
+
+def tiny_cfg(corpus, out_dir, **kw) -> TrainConfig:
+    base = dict(preset="tiny", corpus=corpus, out_dir=str(out_dir), steps=6, batch_size=2, seq_len=32,
+                grad_accum=2, lr=0.01, warmup_steps=2, eval_every=3, eval_batches=1, save_every=2,
+                keep_checkpoints=10, progress=False, tensorboard=False, threads=1)  # fmt: skip
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    """step -> loss; a step logged twice (a killed run redone after resume) keeps its last record."""
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir) if m.get("kind") == "train"}
+
+
+def test_resume_gives_bit_identical_losses(corpus, tmp_path):
+    full = pretrain(tiny_cfg(corpus, tmp_path / "full"))
+    assert full["steps"] == 6
+    pretrain(tiny_cfg(corpus, tmp_path / "split", stop_at=3))  # "killed" after step 3 ...
+    assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step-0000002", "step-0000003"]
+    pretrain(tiny_cfg(corpus, tmp_path / "split"))  # ... and resumed from its last checkpoint
+    a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "split")
+    assert list(a) == list(range(1, 7)) and a == b  # exact float equality, every step
+    evals = lambda d: [m["loss"] for m in read_metrics(d) if m.get("kind") == "eval"]  # noqa: E731
+    assert evals(tmp_path / "full") == evals(tmp_path / "split")
+    # the final weights (incl. the routing bias buffers) are identical too
+    wa = Transformer.from_pretrained(latest_checkpoint(tmp_path / "full"), dtype=torch.float32).state_dict()
+    wb = Transformer.from_pretrained(latest_checkpoint(tmp_path / "split"), dtype=torch.float32).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(corpus, tmp_path):
+    """A real kill -9 in the middle of training; the resumed run's losses equal an uninterrupted one's."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "openk2.cli", "train", "--preset", "tiny", "--corpus", corpus,
+            "--steps", "10", "--batch-size", "2", "--seq-len", "32", "--lr", "0.01", "--warmup-steps", "2",
+            "--save-every", "2", "--eval-every", "5", "--eval-batches", "1", "--threads", "1",
+            "--no-progress", "--no-tensorboard", "--no-sample"]  # fmt: skip
+    subprocess.run(args + ["--out-dir", str(tmp_path / "full")], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(args + ["--out-dir", str(tmp_path / "killed")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and (tmp_path / "killed" / "checkpoints" / "step-0000004").exists() is False:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = latest_checkpoint(tmp_path / "killed")
+    assert done is not None and load_trainer_state(done)["step"] < 10
+    subprocess.run(args + ["--out-dir", str(tmp_path / "killed")], check=True, env=env, capture_output=True)
+    assert train_losses(tmp_path / "full") == train_losses(tmp_path / "killed")
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(corpus, tmp_path):
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    cfg = tiny_cfg(corpus, tmp_path / "nan")
+    trainer = Trainer(model, build_optimizer(model, cfg), Schedule("wsd", 6, 2), cfg)
+    ids = torch.randint(0, 256, (2, 33))
+    from openk2.train.data import Batch
+
+    batch = Batch(ids[:, :-1], ids[:, 1:])
+    trainer.train_step([batch])
+    with torch.no_grad():
+        model.layers["1"].self_attn.kv_b_proj.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainingDiverged, match="step 2: loss nan"):
+        trainer.train_step([batch])
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
+    assert trainer.step == 1
+
+    # end to end: an absurd learning rate blows the run up; the CLI says so, exits 1, checkpoints stay
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "blowup"
+    r = subprocess.run(
+        [sys.executable, "-m", "openk2.cli", "train", "--preset", "tiny", "--corpus", corpus, "--out-dir",
+         str(out), "--steps", "30", "--batch-size", "2", "--seq-len", "32", "--lr", "1e12", "--warmup-steps",
+         "0", "--grad-clip", "1e30", "--save-every", "1", "--no-progress", "--no-tensorboard",
+         "--threads", "1"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "training diverged" in r.stderr and "last good checkpoint" in r.stderr
+    good = latest_checkpoint(out)
+    assert good is not None and str(good) in r.stderr
+    Transformer.from_pretrained(good)  # intact and loadable
+
+
+def test_causal_lm_loss_mask():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    targets = torch.randint(0, 11, (2, 5))
+    full = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    assert torch.allclose(causal_lm_loss(logits, targets), full)
+    mask = torch.zeros(2, 5)
+    mask[0, 2] = mask[1, 4] = 1
+    expected = (
+        torch.nn.functional.cross_entropy(logits[0, 2:3], targets[0, 2:3])
+        + torch.nn.functional.cross_entropy(logits[1, 4:5], targets[1, 4:5])
+    ) / 2
+    assert torch.allclose(causal_lm_loss(logits, targets, mask), expected)
+    assert torch.allclose(causal_lm_loss(logits.bfloat16(), targets, mask.bool()), expected, atol=2e-2)
+
+
+def test_schedules():
+    wsd = Schedule("wsd", total_steps=100, warmup_steps=10, decay_fraction=0.2, min_ratio=0.1)
+    assert wsd(0) == pytest.approx(0.1) and wsd(9) == 1.0
+    assert wsd(50) == 1.0 and wsd(79) == 1.0
+    assert wsd(80) == 1.0 and wsd(99) == pytest.approx(0.1)
+    assert all(wsd(i) >= wsd(i + 1) for i in range(10, 99))
+    cos = Schedule("cosine", total_steps=100, warmup_steps=10, min_ratio=0.0)
+    assert cos(10) == 1.0 and cos(99) == pytest.approx(0.0, abs=1e-12)
+    assert cos(54) == pytest.approx(0.5 * (1 + math.cos(math.pi * 44 / 89)))
+    with pytest.raises(ValueError, match="unknown schedule"):
+        Schedule("linear")
+
+
+def test_packed_loader_resumes_and_masks_documents():
+    tokens = np.arange(1000, dtype=np.int32)
+    a = PackedLoader(tokens, batch_size=3, seq_len=16, seed=1)
+    first = [a.next_batch() for _ in range(25)]  # crosses an epoch boundary (62 windows)
+    b = PackedLoader(tokens, batch_size=3, seq_len=16, seed=1)
+    for _ in range(10):
+        b.next_batch()
+    c = PackedLoader(tokens, batch_size=3, seq_len=16, seed=1)
+    c.load_state_dict(b.state_dict())
+    for x in first[10:]:
+        y = c.next_batch()
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.targets, y.targets)
+    assert torch.equal(first[0].targets[:, :-1], first[0].input_ids[:, 1:])
+    with pytest.raises(ValueError, match="data changed"):
+        PackedLoader(tokens[:500], 3, 16, seed=1).load_state_dict(b.state_dict())
+    seg = segment_ids_from_eos(torch.tensor([[5, 9, 5, 5, 9, 5]]), eos_id=9)
+    assert seg.tolist() == [[0, 0, 1, 1, 1, 2]]
+
+
+def test_cli_errors_are_clear(corpus, tmp_path):
+    cli = [sys.executable, "-m", "openk2.cli"]
+    r = subprocess.run(cli + ["train", "--corpus", str(tmp_path / "nope"), "--out-dir", str(tmp_path / "x")],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "unknown corpus" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "openk2.cli", "sample", str(tmp_path)], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "neither a checkpoint" in r.stderr
+
+
+def test_metrics_are_jsonl(corpus, tmp_path):
+    pretrain(tiny_cfg(corpus, tmp_path / "m", steps=2, save_every=100))
+    lines = (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    assert records[0]["kind"] == "config"
+    train = [r for r in records if r["kind"] == "train"]
+    assert {"loss", "lr", "grad_norm", "max_logit", "imbalance", "tokens_per_s"} <= set(train[0])
+    assert (tmp_path / "m" / "curves.png").stat().st_size > 1000
