@@ -1,0 +1,201 @@
+"""`openk2 eval TASK --model CHECKPOINT | --endpoint URL` and `openk2 eval compare A.json B.json ...`.
+
+Tasks: humaneval, perplexity, gym, toolcall. Each run writes results/<task>-<model>.json (config,
+metrics, per-item records), a .md table next to it, and a .jsonl of per-item records as it goes;
+rerunning the same command resumes where an interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from urllib.parse import urlparse
+
+from openk2.eval.harness import ResultStore, compare_table, load_result, result_table
+
+TASKS = ("humaneval", "perplexity", "gym", "toolcall", "compare")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.add_argument("task", choices=TASKS, help="what to run; `compare` takes result JSON files")
+    p.add_argument("results", nargs="*", help="(compare) result JSON files")
+    src = p.add_argument_group("model source (exactly one, except for humaneval --reference)")
+    src.add_argument("--model", help="checkpoint directory (weights + tokenizer), run in-process")
+    src.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    src.add_argument("--served-model", help="model name to send to the endpoint (default: its first)")
+    src.add_argument(
+        "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token for the endpoint"
+    )
+    src.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP request")
+    src.add_argument("--retries", type=int, default=1, help="retries of a timed-out or 5xx request")
+    src.add_argument("--concurrency", type=int, default=4, help="HTTP requests in flight")
+    src.add_argument("--max-batch", type=int, default=8, help="(local) engine batch slots")
+    src.add_argument(
+        "--no-constrained", action="store_true", help="(local) no constrained decoding for forced tool calls"
+    )
+    run = p.add_argument_group("run")
+    run.add_argument("--out", default="results", help="directory for result files")
+    run.add_argument("--name", help="label of the model in file names and tables")
+    run.add_argument("--restart", action="store_true", help="discard saved items of this run and start over")
+    run.add_argument("--batch-size", type=int, default=8, help="items per batch (and per checkpoint save)")
+    run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--temperature", type=float, default=None, help="default 0 (greedy)")
+    run.add_argument("--max-tokens", type=int, default=None)
+    he = p.add_argument_group("humaneval")
+    he.add_argument("--n-samples", type=int, default=1)
+    he.add_argument("--k", type=int, nargs="+", default=[1], help="pass@k for each k (<= n-samples)")
+    he.add_argument("--mode", choices=("chat", "completion"), default="chat")
+    he.add_argument("--reference", choices=("canonical", "empty"), help="check the harness: no model")
+    he.add_argument("--limit", type=int, help="first N problems only")
+    he.add_argument("--workers", type=int, default=2, help="sandboxes at once")
+    pp = p.add_argument_group("perplexity")
+    pp.add_argument("--text", default="shakespeare", help="corpus name or file/dir; its tail is scored")
+    pp.add_argument("--chars", type=int, default=200_000, help="characters of held-out tail")
+    pp.add_argument("--context", type=int, default=0, help="window tokens (0: the model's max, <= 2048)")
+    pp.add_argument("--stride", type=int, default=0, help="window step (0: context // 2)")
+    gy = p.add_argument_group("gym")
+    gy.add_argument("--envs", nargs="+", help="environments (default: arithmetic sorting math game24)")
+    gy.add_argument("--n-tasks", type=int, default=20, help="tasks per environment")
+    gy.add_argument("--split", choices=("train", "test"), default="test")
+    gy.add_argument("--max-turns", type=int, default=12)
+    tc = p.add_argument_group("toolcall")
+    tc.add_argument("--cases", help="suite JSON (default: the shipped toolcall_cases.json)")
+    tc.add_argument("--only", nargs="+", help="case ids or id prefixes")
+    tc.add_argument("--no-stream", action="store_true", help="skip the streamed half (no agreement metric)")
+
+
+def _label(args: argparse.Namespace, backend) -> str:
+    if args.name:
+        return args.name
+    if args.model:
+        return Path(args.model).resolve().name
+    if backend is not None:
+        return f"{backend.model}@{urlparse(args.endpoint).netloc}"
+    return f"reference-{args.reference}"
+
+
+def _source(args: argparse.Namespace) -> dict:
+    if args.model:
+        return {"model": str(Path(args.model).resolve()), "constrained": not args.no_constrained}
+    if args.endpoint:
+        return {"endpoint": args.endpoint, "served_model": args.served_model}
+    return {"reference": args.reference}
+
+
+def _compare(paths: list[str]) -> int:
+    if not paths:
+        print("openk2 eval compare: give one or more result JSON files", file=sys.stderr)
+        return 2
+    print(compare_table([load_result(p) for p in paths]))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.task == "compare":
+        return _compare(args.results)
+    if args.results:
+        print(f"unexpected arguments {args.results}; only `compare` takes files", file=sys.stderr)
+        return 2
+    try:
+        return _run_task(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"openk2 eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_task(args: argparse.Namespace) -> int:
+    from openk2.eval import backends
+
+    temp = args.temperature if args.temperature is not None else 0.0
+    run_kw = {"batch_size": args.batch_size, "restart": args.restart, "progress": not args.no_progress}
+    needs_model = not (args.task == "humaneval" and args.reference)
+    if needs_model and (args.model is None) == (args.endpoint is None):
+        raise ValueError("give exactly one of --model CHECKPOINT or --endpoint URL")
+    if not needs_model and (args.model or args.endpoint):
+        raise ValueError("--reference checks the harness alone; drop --model/--endpoint")
+
+    if args.task == "perplexity":
+        from openk2.eval import perplexity
+
+        if args.endpoint:
+            raise ValueError(
+                "perplexity needs the weights (--model): OpenAI endpoints do not score given text"
+            )
+        cfg = perplexity.PerplexityConfig(args.text, args.chars, args.context, args.stride, args.batch_size)
+        store = ResultStore(args.out, "perplexity", _label(args, None), {**asdict(cfg), **_source(args)})
+        return _report(perplexity.run(args.model, cfg, store, **run_kw), store)
+
+    backend = None
+    if needs_model:
+        backend = backends.make_backend(
+            args.model,
+            args.endpoint,
+            api_key=args.api_key,
+            served_model=args.served_model,
+            timeout=args.timeout,
+            max_retries=args.retries,
+            concurrency=args.concurrency,
+            max_batch=args.max_batch,
+            constrained=not args.no_constrained,
+        )
+    try:
+        label = _label(args, backend if args.endpoint else None)
+        if args.task == "humaneval":
+            from openk2.eval import humaneval
+
+            cfg = humaneval.HumanEvalConfig(
+                n_samples=args.n_samples,
+                ks=tuple(args.k),
+                temperature=temp,
+                max_tokens=args.max_tokens or 512,
+                mode=args.mode,
+                reference=args.reference,
+                limit=args.limit,
+                seed=args.seed,
+                workers=args.workers,
+            ).validate()
+            store = ResultStore(args.out, "humaneval", label, {**asdict(cfg), **_source(args)})
+            result = humaneval.run(backend, cfg, store, **run_kw)
+        elif args.task == "gym":
+            from openk2.eval import gym
+
+            cfg = gym.GymConfig(
+                seed=args.seed,
+                n_tasks=args.n_tasks,
+                split=args.split,
+                temperature=temp,
+                max_tokens=args.max_tokens or 512,
+                max_turns=args.max_turns,
+            )
+            if args.envs:
+                cfg.envs = list(args.envs)
+            cfg.validate()
+            store = ResultStore(args.out, "gym", label, {**asdict(cfg), **_source(args)})
+            result = gym.run(backend, cfg, store, **run_kw)
+        else:
+            from openk2.eval import toolcall_conformance as tcc
+
+            cfg = tcc.ConformanceConfig(
+                args.cases, args.seed, args.max_tokens or 512, not args.no_stream, args.only
+            )
+            store = ResultStore(args.out, "toolcall", label, {**asdict(cfg), **_source(args)})
+            result = tcc.run(backend, cfg, store, **run_kw)
+    finally:
+        if backend is not None:
+            backend.close()
+    return _report(result, store)
+
+
+def _report(result: dict, store: ResultStore) -> int:
+    table = result_table(result)
+    store.json_path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"\nresults: {store.json_path}", file=sys.stderr)
+    return 0

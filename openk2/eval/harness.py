@@ -1,0 +1,237 @@
+"""The runner every benchmark shares: resumable per-item records, final JSON, Markdown tables.
+
+A run is (task, model label, config). Its items are evaluated in batches; each finished item is
+appended to `results/<task>-<model>.jsonl` at once, so an interrupted run (Ctrl-C, a crash, a killed
+job) loses at most the batch in flight: rerunning the same command skips the items already recorded.
+The JSONL's first line holds the run's config; rerunning with a different config into the same file
+is refused rather than silently mixing two runs' items. When all items are done, the task's metrics
+are computed from the records and `results/<task>-<model>.json` gets config, metrics and records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+
+@dataclass
+class Item:
+    id: str
+    payload: Any  # whatever the task's evaluate function needs; never written to disk
+
+
+def slug(name: str) -> str:
+    """A file-name-safe label: `/ckpt/small-run3/` -> `small-run3`, `http://h:8000/v1` -> `h-8000-v1`."""
+    name = name.rstrip("/").removeprefix("http://").removeprefix("https://")
+    name = Path(name).name if os.sep in name and Path(name).name else name
+    s = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    return s or "model"
+
+
+class ResultStore:
+    """`<dir>/<task>-<model>.jsonl` (header line + one record per item) and `<dir>/<task>-<model>.json`."""
+
+    def __init__(self, out_dir: str | Path, task: str, model: str, config: dict):
+        self.out_dir = Path(out_dir)
+        self.task, self.model, self.config = task, model, config
+        stem = f"{slug(task)}-{slug(model)}"
+        self.jsonl_path = self.out_dir / f"{stem}.jsonl"
+        self.json_path = self.out_dir / f"{stem}.json"
+
+    def load(self, restart: bool = False) -> dict[str, dict]:
+        """Records already written, by item id; creates the file (with its header) when new."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if restart or not self.jsonl_path.exists():
+            self._write_header()
+            return {}
+        done: dict[str, dict] = {}
+        with self.jsonl_path.open() as f:
+            lines = f.read().splitlines()
+        if not lines:
+            self._write_header()
+            return {}
+        try:
+            header = json.loads(lines[0])
+        except ValueError:
+            raise ValueError(f"{self.jsonl_path}: first line is not a run header; use --restart") from None
+        if not isinstance(header, dict) or header.get("config") != _jsonable(self.config):
+            raise ValueError(
+                f"{self.jsonl_path} holds a run with another config ({json.dumps(header.get('config'))}); "
+                "use --restart to start over or --out to write elsewhere"
+            )
+        for line in lines[1:]:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # the line being written when the run was killed
+            if isinstance(rec, dict) and "id" in rec:
+                done[str(rec["id"])] = rec
+        return done
+
+    def _write_header(self) -> None:
+        header = {"task": self.task, "model": self.model, "config": _jsonable(self.config)}
+        self.jsonl_path.write_text(json.dumps(header) + "\n")
+
+    def append(self, records: list[dict]) -> None:
+        with self.jsonl_path.open("a") as f:
+            for rec in records:
+                f.write(json.dumps(rec, default=_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def finish(self, records: list[dict], metrics: dict, extra: dict | None = None) -> dict:
+        result = {
+            "task": self.task,
+            "model": self.model,
+            "config": _jsonable(self.config),
+            "metrics": metrics,
+            "n_items": len(records),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **(extra or {}),
+            "records": records,
+        }
+        tmp = self.json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=_default) + "\n")
+        tmp.replace(self.json_path)  # atomic: a reader never sees half a result file
+        return result
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if hasattr(o, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(o)
+    return str(o)
+
+
+def _jsonable(o: Any) -> Any:
+    return json.loads(json.dumps(o, default=_default))
+
+
+def run_items(
+    store: ResultStore,
+    items: Sequence[Item],
+    evaluate: Callable[[list[Item]], list[dict]],
+    batch_size: int = 8,
+    restart: bool = False,
+    progress: bool = True,
+    desc: str | None = None,
+) -> list[dict]:
+    """Evaluate the items not yet in the store, `batch_size` at a time; returns every item's record
+    in item order. `evaluate(batch)` returns one record per item (the runner adds the `id`)."""
+    ids = [it.id for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError("item ids must be unique")
+    done = store.load(restart)
+    todo = [it for it in items if it.id not in done]
+    bar = tqdm(
+        total=len(items),
+        initial=len(items) - len(todo),
+        desc=desc or store.task,
+        disable=not progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    try:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            records = evaluate(batch)
+            if len(records) != len(batch):
+                raise RuntimeError(f"evaluate returned {len(records)} records for {len(batch)} items")
+            records = [{"id": it.id, **rec} for it, rec in zip(batch, records)]
+            store.append(records)
+            for rec in records:
+                done[rec["id"]] = rec
+            bar.update(len(batch))
+    except KeyboardInterrupt:
+        bar.close()
+        print(
+            f"\ninterrupted: {len(done)}/{len(items)} items saved in {store.jsonl_path}; "
+            "rerun the same command to resume",
+            file=sys.stderr,
+        )
+        raise
+    bar.close()
+    return [done[i] for i in ids]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.4f}" if abs(v) < 1000 else f"{v:,.1f}"
+    return str(v)
+
+
+def _flat(metrics: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested metric dicts become dotted keys (`per_env.math.mean_reward`)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def result_table(result: dict) -> str:
+    """One run's metrics as a two-column Markdown table."""
+    flat = _flat(result["metrics"])
+    title = f"**{result['task']}** — {result['model']} ({result.get('n_items', '?')} items)\n\n"
+    return title + markdown_table(["metric", "value"], [[k, v] for k, v in flat.items()])
+
+
+def compare_table(results: list[dict]) -> str:
+    """Several runs side by side: one row per metric, one column per run (metric keys in first-seen
+    order; a run without a metric shows a dash)."""
+    if not results:
+        raise ValueError("nothing to compare")
+    flats = [_flat(r["metrics"]) for r in results]
+    keys: list[str] = []
+    for f in flats:
+        keys += [k for k in f if k not in keys]
+    headers = ["metric"] + [f"{r['task']} · {r['model']}" for r in results]
+    return markdown_table(headers, [[k] + [f.get(k) for f in flats] for k in keys])
+
+
+def load_result(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no result file at {path}") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not a JSON result file ({e})") from None
+    if not isinstance(data, dict) or not {"task", "model", "metrics"} <= set(data):
+        raise ValueError(f"{path}: not an `openk2 eval` result (needs task, model, metrics)")
+    return data
