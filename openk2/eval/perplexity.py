@@ -3,8 +3,8 @@
 The held-out slice is the *last* `chars` characters of a corpus (an embedded corpus name or a
 file/directory path): openk2's pre-training reads corpora from the start, so the tail is the part a
 run with a character budget never saw. Tokens are scored in windows of `context` tokens that advance by
-`stride`; every token is scored exactly once, by the window that ends its overlap, so with stride <
-context each token (after the first window) sees at least context - stride tokens of history.
+`stride`; every token is scored exactly once, and each window scores only its last `stride` tokens,
+so every token after the first window sees at least context - stride tokens of history.
 
 Reported: tokens scored, mean NLL (nats/token), perplexity, and bits per byte = total NLL / (ln 2 ·
 UTF-8 bytes), the figure that compares models with different tokenizers.
@@ -39,13 +39,22 @@ class PerplexityConfig:
 
 
 def held_out_text(source: str, chars: int) -> str:
-    from openk2.data.corpus import read_corpus
+    """The last `chars` characters of the corpus as `read_corpus` joins it, reading only the files
+    needed, from the last one back."""
+    from openk2.data.corpus import corpus_files, read_text
 
-    path = Path(source).expanduser()
-    text = read_corpus(source) if not path.is_file() else path.read_text(encoding="utf-8", errors="replace")
-    if not text:
+    pieces, total = [], 0
+    for path in reversed(corpus_files(source)):
+        text = read_text(path)
+        if not text:
+            continue
+        pieces.append(text)
+        total += len(text) + 2
+        if total >= chars:
+            break
+    if not pieces:
         raise ValueError(f"{source}: empty text")
-    return text[-chars:]
+    return "\n\n".join(reversed(pieces))[-chars:]
 
 
 @dataclass
@@ -60,12 +69,14 @@ def windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     1..n_tokens-1 exactly once."""
     if context < 2 or not 1 <= stride <= context:
         raise ValueError(f"need context >= 2 and 1 <= stride <= context, got {context}, {stride}")
-    out, scored, begin = [], 1, 0
+    out, scored = [], 1  # targets before `scored` are done
     while scored < n_tokens:
+        # Start so the window scores about `stride` new targets; the target at `scored` needs its
+        # predecessor as input, and every window must score at least one target.
+        begin = max(0, scored - context + min(stride, context - 1))
         end = min(begin + context, n_tokens)
         out.append(Window(begin, end, scored))
         scored = end
-        begin = max(end - (context - stride), begin + 1) if end < n_tokens else end
     return out
 
 
