@@ -79,11 +79,11 @@ def make_agents(tools: list[Tool], n: int, tools_per_agent: int = 4, seed: int =
         others = [t for t in tools if t not in chosen]
         rng.shuffle(others)
         chosen += others[: max(0, tools_per_agent - len(chosen))]
-        desc = "; ".join(f"{t.name}: {t.description}" for t in chosen)
+        # The tools themselves are declared by the chat template (the tool_declare turn): the prompt
+        # only sets the role and the rules, so it does not repeat every schema.
         prompt = (
-            f"You are an assistant for {domain}. Use the tools when they help: call them with arguments "
-            f"that match their schemas, read their results, and report the outcome to the user plainly. "
-            f"If a tool fails, say so or retry with corrected arguments. Tools: {desc}"
+            f"You are an assistant for {domain}. Call a tool when it helps, with arguments that match "
+            f"its schema; read the result and tell the user the outcome plainly, including failures."
         )
         agents.append(
             Agent(

@@ -98,7 +98,16 @@ class OpenAIBackend:
 
         self._openai = openai
         self.model = model
-        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+        self._args = dict(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
+        self._clients: dict[int, openai.AsyncOpenAI] = {}
+
+    @property
+    def client(self):
+        """One AsyncOpenAI per event loop: its connection pool belongs to the loop that opened it."""
+        loop = id(asyncio.get_running_loop())
+        if loop not in self._clients:
+            self._clients[loop] = self._openai.AsyncOpenAI(**self._args)
+        return self._clients[loop]
 
     async def complete(self, request: ChatRequest) -> ChatResponse:
         oa = self._openai
