@@ -1,0 +1,472 @@
+"""The RL trainer: rollouts from the in-process engine, the K1.5 loss, MuonClip, weight sync.
+
+One iteration:
+  1. temperature from the decay schedule; draw prompts from the environments (by weight);
+  2. roll out K samples per prompt through the engine (budget control, partial rollout); groups
+     that finish in this iteration are scored by their verifier or by the self-critic;
+  3. pi_old: the trainer recomputes the response log-probs with the current weights before the
+     update. These are the weights the engine sampled with (they are synced after every step), so
+     this *is* the rollout policy; recomputing rather than reusing the engine's recorded log-probs
+     keeps the loss exact for resumed partial rollouts (their early tokens came from older weights)
+     and free of the small numeric gap between the engine's absorbed-MLA cached path and the
+     training forward. The gap is logged (`engine_logprob_gap`) as a sync health check;
+  4. `updates_per_step` MuonClip steps on loss = K1.5 + ptx_weight * PTX (+ critic refresh);
+  5. copy the weights into the engine (`Engine.load_weights`, timed), evaluate now and then, log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from openk2.config import ModelConfig
+from openk2.model.transformer import Transformer
+from openk2.optim.muon import MuonClip
+from openk2.rl.critique import CritiqueConfig, SelfCritic, question_text
+from openk2.rl.env import Environment, Task, make_env
+from openk2.rl.loss import k15_loss, masked_lm_loss, pack_sequences, sequence_logprobs
+from openk2.rl.rollout import Group, RolloutWorker, prompt_ids, run_requests
+from openk2.rl.schedules import TemperatureSchedule
+from openk2.serve.engine import Engine
+from openk2.serve.sampling import SamplingParams
+from openk2.tokenizer import K2Tokenizer
+from openk2.tokenizer.chat import encode_chat
+
+
+@dataclass
+class EnvSpec:
+    name: str
+    kwargs: dict = field(default_factory=dict)
+    max_tokens: int = 64  # budget: a response reaching it without stopping is truncated
+    weight: float = 1.0  # share of each step's prompts
+    reward: str = "verifier"  # "verifier" or "critique" (self-critique rubric reward)
+
+
+@dataclass
+class RLConfig:
+    envs: list[EnvSpec]
+    model: str = "tiny"  # a preset name or a checkpoint directory (HF layout)
+    model_overrides: dict = field(default_factory=dict)  # ModelConfig fields, for presets
+    tokenizer: str = "byte"  # "byte" (vocab 512), "default" (vocab 8192) or a tokenizer directory
+    steps: int = 50
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 8  # K
+    tau: float = 0.1
+    updates_per_step: int = 1  # optimizer steps on one batch of rollouts
+    lr: float = 0.002
+    adamw_lr: float | None = None
+    weight_decay: float = 0.0
+    temperature_start: float = 1.0
+    temperature_end: float = 0.7
+    temperature_steps: int | None = None  # None: decay over the whole run
+    temperature_kind: str = "cosine"
+    step_tokens: int | None = None  # partial rollout: tokens per sample per iteration (None: off)
+    truncation_penalty: float = 0.5  # reward of a truncated sample is -truncation_penalty
+    ptx_data: str | None = None  # JSONL of {"messages": [...]} (curated data for the PTX loss)
+    ptx_weight: float = 0.0
+    ptx_batch: int = 16
+    critic: str = "policy"  # "policy" or a checkpoint directory
+    critic_weight: float = 1.0  # weight of the critic-refresh loss
+    critic_lr: float = 0.002  # for a separate critic checkpoint
+    system_prompt: str | None = ""  # None: the chat template's default system message
+    eval_every: int = 10
+    eval_tasks: int = 100  # held-out tasks per environment
+    eval_temperature: float = 0.0
+    eval_samples: int = 1  # samples per held-out task (> 1 with a temperature > 0)
+    engine_batch: int = 128
+    seed: int = 0
+    out_dir: str = "runs/rl"
+    save_checkpoint: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RLConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown RL config keys: {sorted(unknown)}")
+        if not d.get("envs"):
+            raise ValueError("an RL config needs a non-empty `envs` list")
+        envs = []
+        for e in d["envs"]:
+            bad = set(e) - {f.name for f in fields(EnvSpec)}
+            if bad:
+                raise ValueError(f"unknown keys in env spec {e.get('name')!r}: {sorted(bad)}")
+            envs.append(EnvSpec(**e))
+        return cls(**{**d, "envs": envs}).validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> RLConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"RL config {path} does not exist")
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(path.read_text())
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            raise ValueError(f"RL config must be .json or .toml, got {path.name}")
+        return cls.from_dict(data)
+
+    def validate(self) -> RLConfig:
+        for e in self.envs:
+            if e.reward not in ("verifier", "critique"):
+                raise ValueError(f"env {e.name}: reward must be 'verifier' or 'critique', got {e.reward!r}")
+            if e.max_tokens < 1 or e.weight <= 0:
+                raise ValueError(f"env {e.name}: max_tokens must be >= 1 and weight > 0")
+        if self.steps < 1 or self.prompts_per_step < 1 or self.updates_per_step < 1:
+            raise ValueError("steps, prompts_per_step and updates_per_step must be >= 1")
+        if self.samples_per_prompt < 2:
+            raise ValueError("samples_per_prompt (K) must be >= 2: the advantage is relative to the group")
+        if self.ptx_weight > 0 and not self.ptx_data:
+            raise ValueError("ptx_weight > 0 needs ptx_data (a JSONL file of chat examples)")
+        if self.tokenizer not in ("byte", "default") and not Path(self.tokenizer).is_dir():
+            raise ValueError(f"tokenizer must be 'byte', 'default' or a directory, got {self.tokenizer!r}")
+        return self
+
+    def temperature_schedule(self) -> TemperatureSchedule:
+        return TemperatureSchedule(
+            self.temperature_start,
+            self.temperature_end,
+            self.temperature_steps or self.steps,
+            self.temperature_kind,
+        )
+
+
+def load_tokenizer(name: str) -> K2Tokenizer:
+    if name == "byte":
+        return K2Tokenizer.byte_level()
+    if name == "default":
+        return K2Tokenizer.default()
+    return K2Tokenizer.from_pretrained(name)
+
+
+def build_model(name: str, overrides: dict) -> Transformer:
+    if Path(name).is_dir():
+        return Transformer.from_pretrained(name, dtype=torch.float32)
+    config = ModelConfig.from_preset(name)
+    for k, v in overrides.items():
+        if not hasattr(config, k):
+            raise ValueError(f"unknown ModelConfig field in model_overrides: {k!r}")
+        setattr(config, k, v)
+    return Transformer(config)
+
+
+def load_chat_jsonl(path: str | Path, tokenizer) -> list[tuple[list[int], list[bool]]]:
+    """Curated chat examples -> (ids, assistant mask) pairs for the PTX / SFT loss."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+            enc = encode_chat(tokenizer, ex["messages"], tools=ex.get("tools"))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{n}: not a chat example ({type(e).__name__}: {e})") from e
+        if not any(enc.assistant_mask):
+            raise ValueError(f"{path}:{n}: the example has no assistant tokens to train on")
+        rows.append((enc.ids, enc.assistant_mask))
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    return rows
+
+
+def lm_batch(rows: list[tuple[list[int], list[bool]]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.bool)
+    for i, (x, m) in enumerate(rows):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(m)] = torch.tensor(m)
+    return ids, mask
+
+
+def evaluate(
+    engine: Engine,
+    env: Environment,
+    tasks: list[Task],
+    max_tokens: int,
+    temperature: float = 0.0,
+    samples: int = 1,
+    seed: int = 0,
+    system_prompt: str | None = "",
+) -> dict:
+    """Mean verifier reward on held-out tasks (truncated responses count as 0), and mean length."""
+    tok = engine.tokenizer
+    prompts = [prompt_ids(tok, t, system_prompt) for t in tasks]
+    params = [
+        SamplingParams(max_tokens=max_tokens, temperature=temperature, n=samples, seed=seed * 7919 + i)
+        for i in range(len(tasks))
+    ]
+    rewards, lengths, truncated = [], [], 0
+    for task, out in zip(tasks, run_requests(engine, prompts, params)):
+        for c in out.completions:
+            lengths.append(len(c.token_ids))
+            if c.finish_reason == "length":
+                truncated += 1
+                rewards.append(0.0)
+            else:
+                rewards.append(env.verify(task, c.text))
+    return {
+        "reward": sum(rewards) / len(rewards),
+        "length": sum(lengths) / len(lengths),
+        "truncation": truncated / len(rewards),
+    }
+
+
+class RLTrainer:
+    def __init__(
+        self,
+        config: RLConfig,
+        model: Transformer | None = None,
+        tokenizer: K2Tokenizer | None = None,
+        log_fn=print,
+    ):
+        self.config = c = config.validate()
+        torch.manual_seed(c.seed)
+        self.rng = random.Random(c.seed)
+        self.tokenizer = tokenizer or load_tokenizer(c.tokenizer)
+        self.model = model if model is not None else build_model(c.model, c.model_overrides)
+        self.model.train()
+        # The engine serves its own copy of the weights, as a colocated inference engine does;
+        # `sync` copies the trainer's weights into it after every step.
+        engine_model = build_model_like(self.model)
+        max_len = max(e.max_tokens for e in c.envs) + 512
+        self.engine = Engine(
+            engine_model,
+            self.tokenizer,
+            max_batch=max(c.engine_batch, c.samples_per_prompt),
+            max_seq_len=min(self.model.config.max_position_embeddings, max_len),
+        )
+        self.sync()
+        self.optimizer = MuonClip(
+            self.model, lr=c.lr, weight_decay=c.weight_decay, adamw_lr=c.adamw_lr, qk_clip_tau=100.0
+        )
+        self.envs = {e.name: make_env(e.name, **e.kwargs) for e in c.envs}
+        self.specs = {e.name: e for e in c.envs}
+        self.worker = RolloutWorker(
+            self.engine,
+            self.envs,
+            {e.name: e.max_tokens for e in c.envs},
+            c.samples_per_prompt,
+            step_tokens=c.step_tokens,
+            truncation_penalty=c.truncation_penalty,
+            system_prompt=c.system_prompt,
+        )
+        self.temperature = c.temperature_schedule()
+        self.ptx_rows = load_chat_jsonl(c.ptx_data, self.tokenizer) if c.ptx_data else []
+        self.critic: SelfCritic | None = None
+        self.critic_optimizer: MuonClip | None = None
+        if any(e.reward == "critique" for e in c.envs):
+            if c.critic == "policy":
+                self.critic = SelfCritic(self.model, self.tokenizer, CritiqueConfig())
+            else:
+                critic_model = Transformer.from_pretrained(c.critic, dtype=torch.float32)
+                self.critic = SelfCritic(critic_model, self.tokenizer, CritiqueConfig())
+                self.critic_optimizer = MuonClip(critic_model, lr=c.critic_lr, weight_decay=0.0)
+        self.eval_sets = {
+            name: env.sample_tasks(c.eval_tasks, seed=c.seed, split="test") for name, env in self.envs.items()
+        }
+        self._task_seed = 0
+        self.log_fn = log_fn
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ pieces
+    def sync(self) -> float:
+        """Trainer -> engine weight copy (in-process); returns seconds."""
+        return self.engine.load_weights(self.model)
+
+    def draw_tasks(self) -> list[tuple[str, Task]]:
+        names = list(self.specs)
+        weights = [self.specs[n].weight for n in names]
+        picks = self.rng.choices(names, weights, k=self.config.prompts_per_step)
+        tasks = []
+        for name in names:
+            count = picks.count(name)
+            if count:
+                self._task_seed += 1
+                tasks += [(name, t) for t in self.envs[name].sample_tasks(count, seed=self._task_seed)]
+        return tasks
+
+    def critique(self, groups: list[Group]) -> None:
+        """Replace the rewards of critique-scored groups by the critic's round-robin win rates
+        (truncated samples keep their penalty)."""
+        self.model.eval()
+        for g in groups:
+            if self.specs[g.env].reward != "critique":
+                continue
+            wins = self.critic.rewards(question_text(g.task.messages), [s.text for s in g.samples])
+            for s, w in zip(g.samples, wins):
+                if not s.truncated:
+                    s.reward, s.info = w, {"reason": "critique"}
+        self.model.train()
+
+    def critic_pairs(self, groups: list[Group]) -> list:
+        pairs = []
+        for g in groups:
+            if self.specs[g.env].reward == "verifier":
+                q = question_text(g.task.messages)
+                pairs += self.critic.refresh_pairs(
+                    q, [s.text for s in g.samples], [s.reward for s in g.samples], self.rng
+                )
+        return pairs
+
+    def ptx_loss(self) -> torch.Tensor:
+        rows = self.rng.sample(self.ptx_rows, min(self.config.ptx_batch, len(self.ptx_rows)))
+        ids, mask = lm_batch(rows)
+        return masked_lm_loss(self.model(ids), ids, mask)
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self, it: int) -> dict:
+        c = self.config
+        t0 = time.perf_counter()
+        temperature = self.temperature(it)
+        groups = self.worker.rollout(self.draw_tasks(), temperature, seed=c.seed)
+        t_rollout = time.perf_counter() - t0
+        if self.critic is not None:
+            self.critique(groups)
+        samples = [s for g in groups for s in g.samples]
+        rec = {
+            "step": it,
+            "temperature": temperature,
+            "groups": len(groups),
+            "paused": len(self.worker.pending),
+        }
+        if not samples:
+            rec["rollout_s"] = t_rollout
+            return rec
+        batch = pack_sequences([s.prompt_ids for s in samples], [s.response_ids for s in samples])
+        group_ids = torch.tensor([gi for gi, g in enumerate(groups) for _ in g.samples])
+        rewards = torch.tensor([s.reward for s in samples])
+        with torch.no_grad():
+            logp_old = sequence_logprobs(self.model, batch)
+        engine_lp = torch.tensor([sum(s.engine_logprobs) for s in samples])
+        fresh = torch.tensor([s.segments == 1 for s in samples])
+        pairs = self.critic_pairs(groups) if self.critic is not None else []
+        self.model.record_stats(True)
+        for _ in range(c.updates_per_step):
+            logp = sequence_logprobs(self.model, batch)
+            loss = k15_loss(logp, logp_old, rewards, group_ids, c.tau)
+            rec["rl_loss"] = loss.item()
+            if self.ptx_rows and c.ptx_weight > 0:
+                ptx = self.ptx_loss()
+                loss = loss + c.ptx_weight * ptx
+                rec["ptx_loss"] = float(ptx)
+            if pairs and self.critic_optimizer is None:
+                critic_loss, acc = self.critic.refresh_loss(pairs)
+                loss = loss + c.critic_weight * critic_loss
+                rec["critic_loss"], rec["critic_accuracy"] = float(critic_loss), acc
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            rec["qk_clipped"] = self.optimizer.step()
+        self.model.record_stats(False)
+        if pairs and self.critic_optimizer is not None:
+            critic_loss, acc = self.critic.refresh_loss(pairs)
+            self.critic_optimizer.zero_grad(set_to_none=True)
+            critic_loss.backward()
+            self.critic_optimizer.step()
+            rec["critic_loss"], rec["critic_accuracy"] = float(critic_loss), acc
+        with torch.no_grad():
+            logp_new = sequence_logprobs(self.model, batch)
+        n_tokens = batch["response_mask"].sum(-1)
+        rec.update(
+            reward=float(rewards.mean()),
+            length=float(n_tokens.mean()),
+            truncation=float(sum(s.truncated for s in samples) / len(samples)),
+            resumed=float((~fresh).float().mean()),
+            # KL-like drift: mean over rollout samples of log pi_old - log pi_new, per token
+            drift=float(((logp_old - logp_new) / n_tokens).mean()),
+            engine_logprob_gap=float(((engine_lp - logp_old).abs() / n_tokens)[fresh].mean())
+            if bool(fresh.any())
+            else float("nan"),
+            rollout_s=t_rollout,
+        )
+        rec["sync_s"] = self.sync()
+        rec["step_s"] = time.perf_counter() - t0
+        return rec
+
+    def evaluate(self, seed: int = 0) -> dict:
+        c = self.config
+        out = {}
+        for name, tasks in self.eval_sets.items():
+            r = evaluate(
+                self.engine, self.envs[name], tasks, self.specs[name].max_tokens,
+                c.eval_temperature, c.eval_samples, seed, c.system_prompt,
+            )  # fmt: skip
+            out.update({f"eval/{name}/{k}": v for k, v in r.items()})
+        out["eval/reward"] = sum(v for k, v in out.items() if k.endswith("/reward")) / len(self.eval_sets)
+        return out
+
+    def train(self) -> list[dict]:
+        c = self.config
+        out = Path(c.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(c), indent=2))
+        log = (out / "log.jsonl").open("w")
+        first = {"step": 0, **self.evaluate(seed=c.seed)}
+        self._log(first, log)
+        for it in range(1, c.steps + 1):
+            rec = self.step(it)
+            if it % c.eval_every == 0 or it == c.steps:
+                rec.update(self.evaluate(seed=c.seed))
+            self._log(rec, log)
+        log.close()
+        plot_history(self.history, out / "rl.png")
+        if c.save_checkpoint:
+            self.model.save_pretrained(out / "checkpoint")
+        return self.history
+
+    def _log(self, rec: dict, fh) -> None:
+        self.history.append(rec)
+        fh.write(json.dumps(rec) + "\n")
+        fh.flush()
+        if self.log_fn is not None:
+            keys = ("step", "temperature", "reward", "length", "truncation", "drift", "eval/reward", "sync_s")
+            self.log_fn(" ".join(f"{k}={_fmt(rec[k])}" for k in keys if k in rec))
+
+
+def build_model_like(model: Transformer) -> Transformer:
+    """A second model with the same config (the engine's copy)."""
+    copy = Transformer(model.config)
+    copy.load_state_dict(model.state_dict())
+    return copy.to(next(model.parameters()).dtype)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def plot_history(history: list[dict], path: str | Path, title: str = "RL") -> None:
+    """Reward (train and held-out), response length, truncation rate and KL-like drift per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key):
+        pts = [(h["step"], h[key]) for h in history if key in h and not math.isnan(h[key])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    axes[0].plot(*series("reward"), label="rollout reward", alpha=0.6)
+    axes[0].plot(*series("eval/reward"), "o-", label="held-out reward")
+    axes[0].legend(fontsize=8)
+    for ax, key, name in zip(
+        axes[1:], ("length", "truncation", "drift"), ("response tokens", "truncation rate", "KL-like drift")
+    ):
+        ax.plot(*series(key))
+        ax.set_title(name, fontsize=10)
+    axes[0].set_title("reward", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
