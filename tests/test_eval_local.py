@@ -1,0 +1,133 @@
+"""Local checkpoints through the engine, and the conformance suite against the project's own server
+(`openk2 serve`, a real subprocess) on a tiny random checkpoint.
+
+A random model never opens a tool-call section by itself, so every call it makes in these tests is
+one that constrained decoding forced: with constraints on, all of them must validate (schema accuracy
+1.0); with them off, the suite reports what the model really does (here: no calls at all)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from eval_util import save_tiny_checkpoint
+
+from openk2.eval.backends import ChatRequest, LocalBackend
+from openk2.eval.harness import ResultStore
+from openk2.eval.toolcall_conformance import ConformanceConfig, check_call, load_cases, run
+
+FORCED = ["required", "named", "none"]  # the cases where tool_choice decides (+ "none": must not call)
+MAX_TOKENS = 2048  # enough for the longest argument object the suite's bounded schemas allow
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-eval")
+    save_tiny_checkpoint(path, max_positions=8192)
+    return path
+
+
+def test_local_backend_named_call_is_valid_and_streams_alike(ckpt):
+    backend = LocalBackend(ckpt, max_batch=4)
+    case = next(c for c in load_cases() if c["id"] == "named-thermostat")
+    plain, streamed, free = backend.chat_many(
+        [
+            ChatRequest(case["messages"], case["tools"], case["tool_choice"], max_tokens=256),
+            ChatRequest(case["messages"], case["tools"], case["tool_choice"], max_tokens=256, stream=True),
+            ChatRequest([{"role": "user", "content": "hi"}], max_tokens=8),
+        ]
+    )
+    assert plain.error is None and [c.name for c in plain.tool_calls] == ["set_thermostat"]
+    call = plain.tool_calls[0]
+    assert check_call({"name": call.name, "arguments": call.arguments}, case["tools"]) == (True, None)
+    assert [(c.name, c.arguments) for c in streamed.tool_calls] == [(call.name, call.arguments)]
+    assert free.error is None and not free.tool_calls
+    too_long = backend.chat_many([ChatRequest([{"role": "user", "content": "x" * 9000}], max_tokens=8)])[0]
+    assert too_long.error.startswith("refused") and "context" in too_long.error
+
+
+def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"openk2 serve exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            if httpx.get(url + "/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("openk2 serve did not come up")
+
+
+@pytest.mark.slow
+def test_conformance_against_own_server_constrained_on_and_off(ckpt, tmp_path):
+    from serve_util import free_port
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    serve = [
+        sys.executable,
+        "-m",
+        "openk2.cli",
+        "serve",
+        str(ckpt),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    proc = subprocess.Popen(serve, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        _wait_for(url, proc)
+        cmd = [sys.executable, "-m", "openk2.cli", "eval", "toolcall", "--endpoint", url, "--only", *FORCED]
+        cmd += [
+            "--max-tokens",
+            str(MAX_TOKENS),
+            "--out",
+            str(tmp_path),
+            "--name",
+            "own-server",
+            "--no-progress",
+        ]
+        cmd += ["--timeout", "300", "--batch-size", "16"]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    on = json.loads((tmp_path / "toolcall-own-server.json").read_text())
+    m = on["metrics"]
+    print("constrained (own server):", json.dumps({k: v for k, v in m.items() if k != "trigger_confusion"}))
+    assert m["errors"] == 0 and m["forced_calls"] >= 13
+    assert m["schema_accuracy"] == 1.0 and m["schema_accuracy_forced"] == 1.0
+    assert m["tool_choice_compliance"] == 1.0 and m["truncated_responses"] == 0
+    assert m["stream_agreement"] == 1.0
+
+    # Off: the same engine and cases with the grammar switched off. The server has no switch for this,
+    # so it runs in-process; the figure is whatever the model does (a random model: no calls).
+    backend = LocalBackend(ckpt, max_batch=16, constrained=False)
+    cfg = ConformanceConfig(max_tokens=256, only=FORCED)
+    off = run(
+        backend,
+        cfg,
+        ResultStore(tmp_path, "toolcall", "local-unconstrained", {}),
+        batch_size=16,
+        progress=False,
+    )
+    m = off["metrics"]
+    print("unconstrained (local):", json.dumps({k: v for k, v in m.items() if k != "trigger_confusion"}))
+    assert m["errors"] == 0 and m["cases"] == on["metrics"]["cases"]
+    assert m["tool_choice_compliance"] < 1.0  # nothing forces the model any more
+    assert m["calls"] == 0 or m["schema_accuracy"] is not None  # reported, not assumed
