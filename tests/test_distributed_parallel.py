@@ -125,7 +125,7 @@ LAYOUTS = [
     pytest.param(dict(pp=2), id="pp2"),
     pytest.param(dict(pp=2, virtual_stages=2), id="pp2-interleaved"),
     pytest.param(dict(dp=2, ep=2), id="ep2xdp2", marks=pytest.mark.slow),
-    pytest.param(dict(pp=2, ep=2), id="pp2xep2", marks=pytest.mark.slow),
+    pytest.param(dict(pp=2, ep=2, microbatches=2), id="pp2xep2", marks=pytest.mark.slow),
 ]
 
 
