@@ -52,6 +52,22 @@ def test_local_backend_named_call_is_valid_and_streams_alike(ckpt):
     assert too_long.error.startswith("refused") and "context" in too_long.error
 
 
+def test_local_backend_runs_gym_and_humaneval(ckpt, tmp_path):
+    from openk2.eval import gym, humaneval
+
+    backend = LocalBackend(ckpt, max_batch=8)
+    cfg = gym.GymConfig(envs=["arithmetic", "tool_use"], n_tasks=2, max_tokens=12, max_turns=2)
+    result = gym.run(backend, cfg, ResultStore(tmp_path, "gym", "tiny", {}), progress=False)
+    assert [r["env"] for r in result["records"]] == ["arithmetic"] * 2 + ["tool_use"] * 2
+    assert all(r["reason"] is not None and not r["reason"].startswith("backend") for r in result["records"])
+    assert all(r["response"] for r in result["records"] if r["env"] == "arithmetic")  # the model did answer
+    hcfg = humaneval.HumanEvalConfig(mode="completion", limit=2, max_tokens=12)
+    result = humaneval.run(backend, hcfg, ResultStore(tmp_path, "humaneval", "tiny", {}), progress=False)
+    samples = [s for r in result["records"] for s in r["samples"]]
+    assert len(samples) == 2 and all(s["completion"] for s in samples)
+    assert result["metrics"]["pass@1"] == 0.0 and result["metrics"]["backend_errors"] == 0
+
+
 def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
