@@ -62,7 +62,7 @@ class TrainConfig:
     grad_accum: int = 1
     # optimizer
     optimizer: str = "muonclip"
-    lr: float = 6e-3
+    lr: float = 1e-2
     weight_decay: float = 0.1
     momentum: float = 0.95
     qk_clip_tau: float = 100.0
