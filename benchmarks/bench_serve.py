@@ -1,5 +1,6 @@
 """Serving benchmark: the openk2 engine against transformers' `generate`, in one run, on the same
-`small` checkpoint (random weights, saved with `save_pretrained`, loaded by both).
+`small` checkpoint (random weights, saved with `save_pretrained`; transformers loads it after
+`openk2 export`). A greedy parity check first makes sure both run the same model.
 
 Measures greedy decode tokens/s at batch 1 and with 16 concurrent requests, time to first token, and
 cache bytes per token (ours: the latent pool; transformers: whatever its DynamicCache holds after a
@@ -18,6 +19,7 @@ import time
 import torch
 
 from openk2 import ModelConfig
+from openk2.checkpoint.export import export
 from openk2.model.transformer import Transformer
 from openk2.serve.engine import Engine
 from openk2.serve.sampling import SamplingParams
@@ -72,9 +74,12 @@ def main() -> None:
     torch.manual_seed(0)
     config = ModelConfig.from_preset("small")
     with tempfile.TemporaryDirectory() as tmp:
-        Transformer(config).save_pretrained(tmp)
-        model = Transformer.from_pretrained(tmp, dtype=torch.float32)
-        hf = DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+        # save_pretrained + `openk2 export` (what transformers needs: its fused-expert key layout)
+        Transformer(config).save_pretrained(f"{tmp}/ckpt")
+        K2Tokenizer.default().save_pretrained(f"{tmp}/ckpt")
+        export(f"{tmp}/ckpt", f"{tmp}/hf")
+        model = Transformer.from_pretrained(f"{tmp}/ckpt", dtype=torch.float32)
+        hf = DeepseekV3ForCausalLM.from_pretrained(f"{tmp}/hf", dtype=torch.float32).eval()
     engine = Engine(model, K2Tokenizer.default(), max_batch=args.concurrent, max_seq_len=512)
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, 7936, (args.concurrent, args.prompt_len), generator=g)
