@@ -111,7 +111,7 @@ def test_step_matches_the_formula():
     """One optimizer step on a Muon matrix is exactly W - lr (muon_update + wd W); the routing bias
     buffer is untouched by the optimizer."""
     model = tiny_model()
-    opt = MuonClip(model, lr=0.02, weight_decay=0.1, qk_clip_tau=None)
+    opt = MuonClip(model, lr=0.02, weight_decay=0.1, qk_clip_tau=None, ns_dtype=None)
     ids = torch.randint(0, 512, (2, 16))
     logits = model(ids[:, :-1])
     F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
