@@ -350,19 +350,28 @@ class RLTrainer:
         engine_lp = torch.tensor([sum(s.engine_logprobs) for s in samples])
         fresh = torch.tensor([s.segments == 1 for s in samples])
         pairs = self.critic_pairs(groups) if self.critic is not None else []
+        # Groups whose samples all got the same reward carry no signal; when no group has any, the K1.5
+        # gradient is zero up to rounding, and a scale-free optimizer (Muon, Adam) would turn that
+        # rounding noise into a full-size step. Such steps skip the RL term.
+        signal = [len({s.reward for s in g.samples}) > 1 for g in groups]
+        rec["signal_groups"] = sum(signal)
+        use_ptx = bool(self.ptx_rows) and c.ptx_weight > 0
+        use_critic = bool(pairs) and self.critic_optimizer is None
         self.model.record_stats(True)
-        for _ in range(c.updates_per_step):
-            logp = sequence_logprobs(self.model, batch)
-            loss = k15_loss(logp, logp_old, rewards, group_ids, c.tau)
-            rec["rl_loss"] = loss.item()
-            if self.ptx_rows and c.ptx_weight > 0:
+        for _ in range(c.updates_per_step if any(signal) or use_ptx or use_critic else 0):
+            loss = torch.zeros(())
+            if any(signal):
+                logp = sequence_logprobs(self.model, batch)
+                loss = k15_loss(logp, logp_old, rewards, group_ids, c.tau)
+                rec["rl_loss"] = loss.item()
+            if use_ptx:
                 ptx = self.ptx_loss()
                 loss = loss + c.ptx_weight * ptx
-                rec["ptx_loss"] = float(ptx)
-            if pairs and self.critic_optimizer is None:
+                rec["ptx_loss"] = ptx.item()
+            if use_critic:
                 critic_loss, acc = self.critic.refresh_loss(pairs)
                 loss = loss + c.critic_weight * critic_loss
-                rec["critic_loss"], rec["critic_accuracy"] = float(critic_loss), acc
+                rec["critic_loss"], rec["critic_accuracy"] = critic_loss.item(), acc
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             rec["qk_clipped"] = self.optimizer.step()
@@ -372,7 +381,7 @@ class RLTrainer:
             self.critic_optimizer.zero_grad(set_to_none=True)
             critic_loss.backward()
             self.critic_optimizer.step()
-            rec["critic_loss"], rec["critic_accuracy"] = float(critic_loss), acc
+            rec["critic_loss"], rec["critic_accuracy"] = critic_loss.item(), acc
         with torch.no_grad():
             logp_new = sequence_logprobs(self.model, batch)
         n_tokens = batch["response_mask"].sum(-1)
