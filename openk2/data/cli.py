@@ -73,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-rate", type=float, default=0.05)
     p.add_argument("--judge-threshold", type=float, default=7.0)
     p.add_argument("--max-steps", type=int, default=8)
+    p.add_argument("--agent-max-tokens", type=int, default=1024, help="token budget of each agent turn")
 
 
 def _client(args) -> LLMClient:
@@ -179,7 +180,7 @@ async def _trajectories(args) -> int:
         client = _client(args)
         sim_client, policy, judge = (
             client,
-            LLMAgent(client, seed=args.seed),
+            LLMAgent(client, seed=args.seed, max_tokens=args.agent_max_tokens),
             Judge(client, args.judge_threshold),
         )
     tasks = []

@@ -40,6 +40,11 @@ class TransientError(LLMError):
     """A failure worth retrying: connection reset, timeout, rate limit, server error."""
 
 
+class ContextOverflow(LLMError):
+    """The request does not fit the model's context: permanent for this item, so it is rejected
+    (recorded as done) rather than failed and retried on every rerun."""
+
+
 class Rejected(Exception):
     """Raised by a pipeline step to reject an item (drifted rewrite, failed rubric) with a reason."""
 
@@ -126,6 +131,8 @@ class OpenAIBackend:
         except (oa.APIConnectionError, oa.APITimeoutError, oa.RateLimitError, oa.InternalServerError) as e:
             raise TransientError(f"{type(e).__name__}: {e}") from e
         except oa.APIStatusError as e:
+            if e.status_code == 400 and "context" in str(e.message).lower():
+                raise ContextOverflow(f"HTTP 400: {e.message}") from e
             raise LLMError(f"HTTP {e.status_code}: {e.message}") from e
         if not r.choices:
             raise TransientError("the server returned no choices")
@@ -163,7 +170,9 @@ class EngineBackend:
         ids = encode_chat(self.tokenizer, request.messages, request.tools, add_generation_prompt=True).ids
         budget = self.engine.max_seq_len - len(ids)
         if budget < 1:
-            raise LLMError(f"prompt of {len(ids)} tokens does not fit the engine's {self.engine.max_seq_len}")
+            raise ContextOverflow(
+                f"prompt of {len(ids)} tokens does not fit the engine's {self.engine.max_seq_len}"
+            )
         params = SamplingParams(
             max_tokens=min(request.max_tokens, budget),
             temperature=request.temperature,
@@ -391,7 +400,10 @@ async def run_jsonl(
         while not queue.empty():
             item = queue.get_nowait()
             try:
-                result = await work(item)
+                try:
+                    result = await work(item)
+                except ContextOverflow:
+                    raise Rejected("context_overflow") from None
             except Rejected as r:
                 stats.rejected[f"{step}:{r.reason}"] += 1
                 summary.rejected += 1

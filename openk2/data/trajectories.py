@@ -248,11 +248,13 @@ class ToolExecutor:
 
 
 class LLMAgent:
-    def __init__(self, client: LLMClient, temperature: float = 0.6, seed: int = 0):
-        self.client, self.temperature, self.seed = client, temperature, seed
+    def __init__(self, client: LLMClient, temperature: float = 0.6, seed: int = 0, max_tokens: int = 1024):
+        self.client, self.temperature, self.seed, self.max_tokens = client, temperature, seed, max_tokens
 
     async def act(self, agent: Agent, task: Task, messages: list[dict]) -> ChatResponse:
-        req = ChatRequest(messages, agent.openai_tools(), self.temperature, 1024, self.seed, tag="agent")
+        req = ChatRequest(
+            messages, agent.openai_tools(), self.temperature, self.max_tokens, self.seed, tag="agent"
+        )
         return await self.client.chat(req)
 
 
