@@ -394,7 +394,7 @@ class RLTrainer:
             drift=float(((logp_old - logp_new) / n_tokens).mean()),
             engine_logprob_gap=float(((engine_lp - logp_old).abs() / n_tokens)[fresh].mean())
             if bool(fresh.any())
-            else float("nan"),
+            else None,
             rollout_s=t_rollout,
         )
         rec["sync_s"] = self.sync()
@@ -460,7 +460,7 @@ def plot_history(history: list[dict], path: str | Path, title: str = "RL") -> No
     import matplotlib.pyplot as plt
 
     def series(key):
-        pts = [(h["step"], h[key]) for h in history if key in h and not math.isnan(h[key])]
+        pts = [(h["step"], h[key]) for h in history if h.get(key) is not None and not math.isnan(h[key])]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
