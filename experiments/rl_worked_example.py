@@ -85,10 +85,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/rl_worked_example")
     ap.add_argument("--sft-steps", type=int, default=300)
-    ap.add_argument("--rl-steps", type=int, default=40)
+    ap.add_argument("--rl-steps", type=int, default=60)
     ap.add_argument("--seeds", type=int, default=3, help="independent RL runs from the SFT checkpoint")
     ap.add_argument("--eval-tasks", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=3e-4, help="RL learning rate (Muon; AdamW gets a third)")
+    ap.add_argument("--updates", type=int, default=1, help="optimizer steps per batch of rollouts")
     ap.add_argument(
         "--reuse-sft", action="store_true", help="load OUT/sft_STEPS.pt if a previous run saved it"
     )
@@ -129,9 +131,9 @@ def main() -> None:
             prompts_per_step=16,
             samples_per_prompt=8,
             tau=0.1,
-            updates_per_step=2,
-            lr=0.003,
-            adamw_lr=0.001,
+            updates_per_step=args.updates,
+            lr=args.lr,
+            adamw_lr=args.lr / 3,
             temperature_start=1.0,
             temperature_end=0.7,
             eval_every=10,
