@@ -137,8 +137,8 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.model.record_stats(True)  # max logits (QK-Clip, logs) and the sequence aux loss
-        # Once the model is confident, the softmax of rare tokens underflows into denormal floats,
-        # which x86 CPUs process ~100x slower (we saw 0.85 s steps turn into 23 s); flush them to zero.
+        # Once the model is confident, the softmax of rare tokens underflows toward denormal floats,
+        # which x86 CPUs process far slower than normal ones; flush them to zero.
         torch.set_flush_denormal(True)
         if cfg.aux_loss_alpha is not None:
             for m in model.modules():
