@@ -2,26 +2,40 @@
 `small` checkpoint (random weights, saved with `save_pretrained`; transformers loads it after
 `openk2 export`). A greedy parity check first makes sure both run the same model.
 
-Measures greedy decode tokens/s at batch 1 and with 16 concurrent requests, time to first token, and
-cache bytes per token (ours: the latent pool; transformers: whatever its DynamicCache holds after a
-forward, divided by the sequence length). transformers gets its best case at 16: one padded batch of
-equal-length prompts, which a real server with staggered arrivals could not do.
+Measures greedy decode tokens/s at batch 1 and with 16 concurrent requests, time to first token,
+and cache bytes per token (ours: the latent pool; transformers: what its cache holds after a
+forward, divided by the sequence length). transformers gets its best case at 16: one padded batch
+of equal-length prompts, which a real server with staggered arrivals could not do.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_serve.py [--new-tokens 64 --prompt-len 64]
+The machine this was written on is shared (load average ~5-10 on 2 cores), so every repeat runs
+transformers, ours and ours without W_uk/W_uv folding back to back, and the table reports medians
+over repeats, with the load average before and after. One thread by default: with more threads
+than free cores, OpenMP's spinning workers make timings 10x slower and 10x noisier.
+
+A second table times the MoE decode strategies the engine chose between (see openk2/serve/forward.py)
+on one MoE layer of the same model, interleaved the same way.
+
+    python benchmarks/bench_serve.py [--new-tokens 64 --prompt-len 64 --repeats 5 --threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 from openk2 import ModelConfig
 from openk2.checkpoint.export import export
+from openk2.model.layers import swiglu
+from openk2.model.moe import MoE
 from openk2.model.transformer import Transformer
 from openk2.serve.engine import Engine
+from openk2.serve.forward import CachedForward, moe_forward
 from openk2.serve.sampling import SamplingParams
 from openk2.tokenizer.tokenizer import K2Tokenizer
 
@@ -43,9 +57,8 @@ def hf_generate(model, prompts: torch.Tensor, new_tokens: int) -> float:
 def hf_cache_bytes_per_token(model, prompt: torch.Tensor) -> float:
     with torch.no_grad():
         out = model(prompt, use_cache=True)
-    cache = out.past_key_values
     total = 0
-    for layer in cache.layers:
+    for layer in out.past_key_values.layers:
         for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(t, torch.Tensor):
                 total += t.numel() * t.element_size()
@@ -53,13 +66,63 @@ def hf_cache_bytes_per_token(model, prompt: torch.Tensor) -> float:
 
 
 def ours(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(seconds for the whole run, mean time to first token)."""
+    """(decode tokens/s, mean time to first token): decode time is the run minus the prefill."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)
     total = time.perf_counter() - t0
     assert all(len(o.completions[0].token_ids) == new_tokens for o in outs)
-    return total, sum(o.time_to_first_token for o in outs) / len(outs)
+    ttft = sum(o.time_to_first_token for o in outs) / len(outs)
+    return len(prompts) * (new_tokens - 1) / (total - ttft), ttft
+
+
+# ---------------------------------------------------------------------------------- MoE strategies
+def moe_gather_bmm(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Index the stacked expert weights by the chosen ids (a copy per (token, expert) pair), bmm."""
+    weights, ids, _ = moe.gate(x)
+    ex, k = moe.experts, ids.shape[1]
+    flat = ids.flatten()
+    xr = x.repeat_interleave(k, dim=0).unsqueeze(-1)
+    h = swiglu(torch.bmm(ex.gate_proj[flat], xr), torch.bmm(ex.up_proj[flat], xr))
+    y = torch.bmm(ex.down_proj[flat], h).squeeze(-1).view(-1, k, x.shape[-1])
+    return (y * weights.unsqueeze(-1)).sum(1) + moe.shared_experts(x)
+
+
+def moe_dense(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Every expert on every token (no routing indices at all), weights zero for unchosen experts."""
+    weights, ids, _ = moe.gate(x)
+    ex = moe.experts
+    e, i, d = ex.gate_proj.shape
+    dense = torch.zeros(x.shape[0], e).scatter_(1, ids, weights)
+    h = swiglu(F.linear(x, ex.gate_proj.view(e * i, d)), F.linear(x, ex.up_proj.view(e * i, d)))
+    h = h.view(-1, e, i) * dense.unsqueeze(-1)
+    return torch.bmm(h.transpose(0, 1), ex.down_proj.transpose(1, 2)).sum(0) + moe.shared_experts(x)
+
+
+def moe_table(model: Transformer, repeats: int) -> list[tuple[int, dict[str, float]]]:
+    moe = next(b.mlp for b in model.layers.values() if isinstance(b.mlp, MoE))
+    ways = {
+        "engine (host loop / sorted)": lambda x: moe_forward(moe, x),
+        "model (sorted, all experts unbound)": moe,
+        "gather chosen weights + bmm": lambda x: moe_gather_bmm(moe, x),
+        "dense over all experts": lambda x: moe_dense(moe, x),
+    }
+    rows = []
+    g = torch.Generator().manual_seed(2)
+    with torch.inference_mode():
+        for n in (1, 16):
+            x = torch.randn(n, model.config.hidden_size, generator=g)
+            ref = moe(x)
+            times: dict[str, list[float]] = {name: [] for name in ways}
+            for _ in range(repeats):
+                for name, fn in ways.items():
+                    torch.testing.assert_close(fn(x), ref, atol=1e-5, rtol=1e-4)
+                    t0 = time.perf_counter()
+                    for _ in range(50):
+                        fn(x)
+                    times[name].append((time.perf_counter() - t0) / 50)
+            rows.append((n, {name: statistics.median(t) for name, t in times.items()}))
+    return rows
 
 
 def main() -> None:
@@ -67,10 +130,13 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--concurrent", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=2, help="best of N timings")
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians are reported")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides")
     args = ap.parse_args()
     from transformers import DeepseekV3ForCausalLM
 
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     torch.manual_seed(0)
     config = ModelConfig.from_preset("small")
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,47 +146,62 @@ def main() -> None:
         export(f"{tmp}/ckpt", f"{tmp}/hf")
         model = Transformer.from_pretrained(f"{tmp}/ckpt", dtype=torch.float32)
         hf = DeepseekV3ForCausalLM.from_pretrained(f"{tmp}/hf", dtype=torch.float32).eval()
-    engine = Engine(model, K2Tokenizer.default(), max_batch=args.concurrent, max_seq_len=512)
+    tok = K2Tokenizer.default()
+    engine = Engine(model, tok, max_batch=args.concurrent, max_seq_len=512)
+    unfolded = Engine(model, tok, max_batch=args.concurrent, max_seq_len=512)
+    unfolded.forward = CachedForward(model, unfolded.cache, fold=False)
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, 7936, (args.concurrent, args.prompt_len), generator=g)
     n, k = args.new_tokens, args.concurrent
 
-    def best(fn):
-        return min((fn() for _ in range(args.repeats)), key=lambda r: r[0] if isinstance(r, tuple) else r)
-
     # Same model in both? Greedy continuations must agree before any timing means anything.
     with torch.no_grad():
-        theirs = hf.generate(batch[:1], max_new_tokens=8, min_new_tokens=8, do_sample=False)[
-            0, args.prompt_len :
-        ]
-    mine = engine.generate(batch[:1].tolist(), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    agree = theirs.tolist() == mine[0].completions[0].token_ids
-    ours(engine, batch[:2].tolist(), 4)  # warm-up
-    rows = []
-    for size in (1, k):
-        prompts = batch[:size]
-        hf_first = best(lambda p=prompts: hf_generate(hf, p, 1))
-        hf_total = best(lambda p=prompts: hf_generate(hf, p, n))
-        our_total, our_ttft = best(lambda p=prompts: ours(engine, p.tolist(), n))
-        hf_tps = size * (n - 1) / (hf_total - hf_first)
-        our_tps = size * (n - 1) / (our_total - our_ttft)
-        rows.append((size, hf_tps, our_tps, hf_first, our_ttft))
+        theirs = hf.generate(batch[:2], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    mine = engine.generate(batch[:2].tolist(), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    agree = theirs[:, args.prompt_len :].tolist() == [o.completions[0].token_ids for o in mine]
+    for e in (engine, unfolded):
+        ours(e, batch[:2].tolist(), 4)  # warm-up
+    hf_generate(hf, batch[:2], 2)
+    runs: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    for _ in range(args.repeats):
+        for size in (1, k):
+            prompts = batch[:size]
+            hf_first = hf_generate(hf, prompts, 1)
+            hf_total = hf_generate(hf, prompts, n)
+            runs.setdefault((size, "hf"), []).append((size * (n - 1) / (hf_total - hf_first), hf_first))
+            runs.setdefault((size, "ours"), []).append(ours(engine, prompts.tolist(), n))
+            runs.setdefault((size, "unfolded"), []).append(ours(unfolded, prompts.tolist(), n))
+    moe_rows = moe_table(model, args.repeats)
+    load_after = os.getloadavg()
+
+    def med(size: int, who: str, i: int) -> float:
+        return statistics.median(r[i] for r in runs[(size, who)])
+
     hf_bytes = hf_cache_bytes_per_token(hf, batch[:1])
     latent = config.num_hidden_layers * config.kv_cache_dim * 4
     print(
-        f"small preset, fp32, CPU threads={torch.get_num_threads()}, prompt {args.prompt_len}, {n} new tokens"
+        f"small preset, fp32, torch threads={torch.get_num_threads()}, prompt {args.prompt_len}, "
+        f"{n} new tokens, greedy, medians of {args.repeats} interleaved repeats"
     )
+    print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1 min)")
     print(f"greedy tokens identical to transformers: {agree}")
-    header = ["requests", "HF tok/s", "ours tok/s", "ratio", "HF TTFT ms", "ours TTFT ms"]
-    print(" | ".join(f"{h:>10}" for h in header))
-    for size, hf_tps, our_tps, hf_first, our_ttft in rows:
+    header = ["requests", "HF tok/s", "ours tok/s", "ratio", "unfolded", "HF TTFT ms", "ours TTFT ms"]
+    print(" | ".join(f"{h:>12}" for h in header))
+    for size in (1, k):
+        hf_tps, our_tps = med(size, "hf", 0), med(size, "ours", 0)
         cells = [f"{size}", f"{hf_tps:.1f}", f"{our_tps:.1f}", f"{our_tps / hf_tps:.2f}x"]
-        cells += [f"{hf_first * 1e3:.1f}", f"{our_ttft * 1e3:.1f}"]
-        print(" | ".join(f"{c:>10}" for c in cells))
+        cells += [f"{med(size, 'unfolded', 0):.1f}"]
+        cells += [f"{med(size, 'hf', 1) * 1e3:.1f}", f"{med(size, 'ours', 1) * 1e3:.1f}"]
+        print(" | ".join(f"{c:>12}" for c in cells))
     print(
         f"cache bytes/token: ours {engine.cache.bytes_per_token} (latent size {latent}), "
         f"transformers {hf_bytes:.0f} ({hf_bytes / engine.cache.bytes_per_token:.1f}x ours)"
     )
+    print("\nMoE layer, microseconds per call (median):")
+    names = list(moe_rows[0][1])
+    print(f"{'tokens':>6} | " + " | ".join(f"{name:>35}" for name in names))
+    for tokens, times in moe_rows:
+        print(f"{tokens:>6} | " + " | ".join(f"{times[name] * 1e6:>35.0f}" for name in names))
 
 
 if __name__ == "__main__":

@@ -42,10 +42,10 @@ def free_port() -> int:
 class LiveServer:
     """uvicorn serving `create_app(engine)` in a background thread, on a free loopback port."""
 
-    def __init__(self, engine: Engine, api_key: str | None = None):
+    def __init__(self, engine: Engine, api_key: str | None = None, constrained_tools: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(engine, MODEL, api_key=api_key)
+        app = create_app(engine, MODEL, api_key=api_key, constrained_tools=constrained_tools)
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         )

@@ -12,7 +12,8 @@ from serve_util import tiny_engine, tiny_model
 
 from openk2.serve.cache import ContextLengthError
 from openk2.serve.engine import Engine, EngineFullError
-from openk2.serve.sampling import SamplingParams
+from openk2.serve.forward import CachedForward
+from openk2.serve.sampling import SamplingParams, sample
 from openk2.tokenizer.tokenizer import K2Tokenizer
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -54,6 +55,32 @@ def test_batched_equals_one_at_a_time(engine):
     unseeded = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
     a, b = engine.generate([ps[0], ps[0]], unseeded)
     assert a.completions[0].token_ids != b.completions[0].token_ids
+
+
+def test_unfolded_absorbed_path_matches_plain_forward(engine):
+    """The path large models take (W_uk / W_uv as separate batched matmuls, not folded)."""
+    eng = Engine(engine.model, engine.tokenizer, max_batch=4, max_seq_len=256)
+    assert eng.forward.attn[0].fold  # tiny: folding does not grow the weights much
+    eng.forward = CachedForward(eng.model, eng.cache, fold=False)
+    ps = prompts(engine.tokenizer)[:5]
+    for p, out in zip(ps, eng.generate(ps, GREEDY)):
+        assert out.completions[0].token_ids == plain_greedy(engine.model, p, 16)
+
+
+def test_sampler_draws_from_the_distribution():
+    """The exponential race draws each token with its softmax probability (unseeded rows share one
+    noise draw), and top-k / top-p cuts are respected."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]]).expand(40000, -1)
+    n = logits.shape[0]
+    params = [SamplingParams(temperature=0.8)] * n
+    tokens, _ = sample(logits, params, [None] * n, [None] * n, torch.Generator().manual_seed(0))
+    freq = torch.bincount(torch.tensor(tokens), minlength=5).float() / n
+    torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.8, -1), atol=0.01, rtol=0)
+    params = [SamplingParams(temperature=1.0, top_k=2)] * n
+    tokens, _ = sample(logits, params, [None] * n, [None] * n, torch.Generator().manual_seed(1))
+    assert set(tokens) == {0, 1}
+    params = [SamplingParams(temperature=1.0, top_p=0.5)] * n  # token 0 alone has p = 0.61
+    assert set(sample(logits, params, [None] * n, [None] * n)[0]) == {0}
 
 
 def test_bf16_engine_greedy_matches_plain_forward():

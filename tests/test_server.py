@@ -12,7 +12,10 @@ import httpx
 import jsonschema
 import openai
 import pytest
+import torch
 from serve_util import MODEL, LiveServer, free_port, tiny_engine, tiny_model
+
+from openk2.tokenizer.chat import encode_chat
 
 WEATHER = {
     "type": "object",
@@ -271,6 +274,43 @@ def test_disconnected_unstreamed_request_frees_its_slot(server):
     assert httpx.get(server.url + "/health").json()["running"] == 0
 
 
+def test_special_tokens_never_leak_into_tool_replies():
+    """A model that writes a reserved special token while tools are offered: the token is counted and
+    has a logprob, but the reply text (plain and streamed) holds no special token."""
+    engine = tiny_engine(max_batch=2, max_seq_len=1024)
+    tok, model = engine.tokenizer, engine.model
+    prompt = encode_chat(tok, USER, tools=TOOLS, add_generation_prompt=True).ids
+    with torch.no_grad():
+        first = int(model(torch.tensor([prompt]))[0, -1].argmax())
+        reserved = next(i for name, i in tok.special_ids.items() if name.startswith("<|reserved_token_"))
+        w = model.lm_head.weight
+        w[[first, reserved]] = w[[reserved, first]]  # greedy now writes the reserved token first
+    with LiveServer(engine) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        kw = dict(model=MODEL, messages=USER, tools=TOOLS, max_tokens=8, temperature=0)
+        r = client.chat.completions.create(**kw, logprobs=True)
+        assert r.choices[0].logprobs.content[0].token == tok.token_bytes(reserved).decode()
+        content = r.choices[0].message.content or ""
+        assert "<|" not in content and r.usage.completion_tokens == 8
+        chunks = list(client.chat.completions.create(**kw, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
+
+
+def test_unconstrained_tool_choice_reports_what_the_model_wrote():
+    """constrained_tools=False (`openk2 serve --no-constrained-tools`): tool_choice "required" adds no
+    grammar, so the reply is exactly the unforced one; this random model writes no call."""
+    with LiveServer(tiny_engine(max_batch=2, max_seq_len=1024), constrained_tools=False) as srv:
+        assert httpx.get(srv.url + "/health").json()["constrained_tools"] is False
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        kw = dict(model=MODEL, messages=USER, tools=TOOLS, max_tokens=24, temperature=0)
+        forced = client.chat.completions.create(**kw, tool_choice="required").choices[0]
+        named = {"type": "function", "function": {"name": "get_weather"}}
+        by_name = client.chat.completions.create(**kw, tool_choice=named).choices[0]
+        free = client.chat.completions.create(**kw, tool_choice="auto").choices[0]
+        assert forced.message.tool_calls is None and forced.finish_reason in ("stop", "length")
+        assert forced.message.content == by_name.message.content == free.message.content
+
+
 def test_api_key():
     with LiveServer(tiny_engine(max_batch=1, max_seq_len=512), api_key="sekret") as srv:
         bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0)
@@ -287,6 +327,7 @@ def test_openk2_serve_cli(tmp_path):
     port = free_port()
     cmd = [sys.executable, "-m", "openk2.cli", "serve", str(tmp_path / "ckpt"), "--port", str(port)]
     cmd += ["--served-model-name", MODEL, "--max-batch", "2", "--log-level", "warning"]
+    cmd += ["--no-constrained-tools"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -301,6 +342,7 @@ def test_openk2_serve_cli(tmp_path):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, temperature=0)
         assert r.usage.completion_tokens == 4 or r.choices[0].finish_reason == "stop"
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["constrained_tools"] is False
     finally:
         proc.terminate()
         proc.wait(timeout=30)

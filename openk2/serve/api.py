@@ -6,7 +6,9 @@ bad input becomes OpenAI's error shape `{"error": {"message", "type", "param", "
 status and a message that names the field. Chat prompts are built by the chat template
 (`openk2.tokenizer.chat`) and tool calls are read back by its parser (`openk2.tokenizer.toolcalls`);
 this module never writes a K2 marker itself. `tool_choice` "required" or a named function is
-enforced with a grammar (constrained.py), "none" by banning the tokens that open a tool call.
+enforced with a grammar (constrained.py) unless the app was built with constrained_tools=False,
+"none" by banning the tokens that open a tool call. When tools are offered, special tokens other than
+the tool-call markers never reach the reply text.
 """
 
 from __future__ import annotations
@@ -149,9 +151,22 @@ def _stream_options(body: dict) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- the app
-def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app; starts the engine thread on startup and stops it on shutdown."""
+def create_app(
+    engine: Engine, model_name: str, api_key: str | None = None, constrained_tools: bool = True
+) -> FastAPI:
+    """The FastAPI app; starts the engine thread on startup and stops it on shutdown.
+
+    constrained_tools=False leaves tool_choice "required" / a named function to the model alone (no
+    grammar): the reply is whatever it wrote, tool calls or not, which is how an evaluation measures
+    a model's unaided tool-call conformance through the server."""
     tokenizer = engine.tokenizer
+    tool_markers = [
+        tokenizer.tool_calls_section_begin_id,
+        tokenizer.tool_calls_section_end_id,
+        tokenizer.tool_call_begin_id,
+        tokenizer.tool_call_argument_begin_id,
+        tokenizer.tool_call_end_id,
+    ]
     grammars = engine.grammars  # built once here, not on the first constrained request
 
     @asynccontextmanager
@@ -281,7 +296,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
     # ------------------------------------------------------------------ endpoints
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name, **engine.stats()}
+        return {"status": "ok", "model": model_name, "constrained_tools": constrained_tools, **engine.stats()}
 
     @app.get("/v1/models")
     async def models():
@@ -305,18 +320,19 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None) -> F
         params.top_logprobs = _get(body, "top_logprobs", int, 0)
         if params.top_logprobs and not params.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        params.skip_special_tokens = tools is None
+        if tools is not None:  # the parser needs the markers; any other special token stays out
+            params.keep_special_token_ids = tool_markers
         try:
             if choice == "none" and tools:
                 params.banned_token_ids = [
                     tokenizer.tool_calls_section_begin_id,
                     tokenizer.tool_call_begin_id,
                 ]
-            elif choice == "required":
+            elif choice == "required" and constrained_tools:
                 params.grammar = grammars.tool_calls(tools)
-            elif choice not in ("auto", "none"):
+            elif choice not in ("auto", "none", "required") and constrained_tools:
                 params.grammar = grammars.tool_calls(tools, name=choice)
-            else:
+            elif choice in ("auto", "none"):
                 params.grammar = _response_format(body.get("response_format"), grammars)
         except ValueError as e:
             raise APIError(400, str(e), "tools" if tools else "response_format") from None

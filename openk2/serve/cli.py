@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="model id clients send (default: dir name)")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    parser.add_argument(
+        "--no-constrained-tools",
+        action="store_true",
+        help="do not enforce tool_choice 'required' / a named function with a grammar: the model alone "
+        "decides, and the reply reports what it wrote (to measure unconstrained tool calling)",
+    )
     parser.add_argument("--log-level", default="info")
 
 
@@ -65,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper())
     engine = load_engine(args.checkpoint, args.max_batch, args.max_seq_len, args.dtype)
     name = args.served_model_name or Path(args.checkpoint).resolve().name
-    app = create_app(engine, name, api_key=args.api_key)
+    app = create_app(engine, name, api_key=args.api_key, constrained_tools=not args.no_constrained_tools)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({engine.stats()})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

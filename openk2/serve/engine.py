@@ -32,6 +32,7 @@ from torch import nn
 from openk2.model.transformer import Transformer
 from openk2.serve.cache import ContextLengthError, LatentCache
 from openk2.serve.constrained import Constraint, GrammarCompiler
+from openk2.serve.forward import CachedForward
 from openk2.serve.sampling import SamplingParams, TokenLogprob, sample
 from openk2.tokenizer.tokenizer import IncrementalDecoder, K2Tokenizer
 
@@ -98,25 +99,37 @@ class _Sequence:
         self.slot = -1
         self.cached = 0  # rows of the slot that hold this sequence's tokens
         self.last = -1  # the latest sampled token, fed in the next decode step
-        self.generator = torch.Generator()
+        # Only a seeded completion owns a generator (so it samples the same alone or in any batch);
+        # the others share the engine's, which lets the sampler draw their noise in one call.
+        self.generator: torch.Generator | None = None
         if self.params.seed is not None:
-            self.generator.manual_seed(self.params.seed + index)
-        else:
-            self.generator.seed()
+            self.generator = torch.Generator(engine.device).manual_seed(self.params.seed + index)
         self.constraint: Constraint | None = (
             engine.grammars.matcher(self.params.grammar) if self.params.grammar is not None else None
         )
-        self.decoder = IncrementalDecoder(engine.tokenizer, skip_special=self.params.skip_special_tokens)
+        self.decoder = IncrementalDecoder(engine.tokenizer)
+        # Special tokens that stay out of the text: all of them when skip_special_tokens, except the
+        # ones asked for (the tool-call markers, which the API's parser needs).
+        self.hidden: Callable[[int], bool] = lambda tok: False
+        if self.params.skip_special_tokens:
+            keep, is_special = set(self.params.keep_special_token_ids), engine.tokenizer.is_special
+            self.hidden = lambda tok: tok not in keep and is_special(tok)
         self.held = ""  # decoded text not yet emitted: it could be the start of a stop string
         self.stop_ids = set(self.params.stop_token_ids)
         if not self.params.ignore_eos:
             self.stop_ids |= {engine.tokenizer.eos_id, engine.tokenizer.im_end_id}
 
-    def mask(self, vocab_size: int, banned: torch.Tensor | None) -> torch.Tensor | None:
-        allowed = self.constraint.allowed() if self.constraint is not None else None
-        if banned is not None:
-            allowed = ~banned if allowed is None else allowed & ~banned
-        return allowed
+        self.banned: torch.Tensor | None = None
+        if self.params.banned_token_ids:
+            self.banned = torch.ones(engine.vocab_size, dtype=torch.bool)
+            self.banned[self.params.banned_token_ids] = False  # True = allowed
+
+    def mask(self) -> torch.Tensor | None:
+        """Bool (V,) of the tokens that may come next, or None when every token may."""
+        if self.constraint is None:
+            return self.banned
+        allowed = self.constraint.allowed()
+        return allowed if self.banned is None else allowed & self.banned
 
 
 class Engine:
@@ -161,6 +174,9 @@ class Engine:
         self._stopping = False
         self._ids = itertools.count()
         self._pending: dict[str, _Request] = {}  # not yet retired, by id
+        self._rng = torch.Generator(device=self.device)  # noise for unseeded sampling
+        self._rng.seed()
+        self.forward = CachedForward(model, self.cache)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -280,6 +296,7 @@ class Engine:
             missing = [k for k in missing if not k.endswith("inv_freq")]
             if missing or unexpected:
                 raise ValueError(f"load_weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            self.forward.refresh()
         return time.perf_counter() - t0
 
     def stats(self) -> dict:
@@ -377,36 +394,17 @@ class Engine:
 
     # ------------------------------------------------------------------ the cached forward
     def _prefill(self, seqs: list[_Sequence]) -> None:
-        """Prompts of newly admitted sequences, right-padded into one batch, written to their slots
-        (which are contiguous: admission appends). Sequences of one request with n > 1 share a
-        prompt: it is computed once and its cache rows copied."""
+        """Prompts of newly admitted sequences, right-padded into one batch, written to their slots.
+        Sequences of one request with n > 1 share a prompt: it is computed once and its cache rows
+        copied."""
         firsts: dict[str, _Sequence] = {}
         unique = [s for s in seqs if firsts.setdefault(s.req.id, s) is s]
-        lengths = torch.tensor([len(s.req.prompt) for s in unique])
-        b, t = len(unique), int(lengths.max())
-        ids = torch.zeros(b, t, dtype=torch.long)
+        lengths = [len(s.req.prompt) for s in unique]
+        ids = torch.zeros(len(unique), max(lengths), dtype=torch.long)
         for i, s in enumerate(unique):
-            ids[i, : len(s.req.prompt)] = torch.tensor(s.req.prompt)
-        pos = torch.arange(t)
-        mask = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lengths[:, None, None])
-        slots = torch.tensor([s.slot for s in unique])
-        contiguous = bool((slots == torch.arange(slots[0], slots[0] + b)).all())
-        m = self.model
-        x = m.embed_tokens(ids.to(self.device))
-        cos, sin = m.rotary(pos.to(self.device))
-        mask = mask.to(self.device)
-        for layer, blk in enumerate(m.layers.values()):
-            attn = blk.self_attn
-            h = blk.input_layernorm(x)
-            entry = attn.compress(h, cos, sin)  # (B, T, r + rope)
-            if contiguous:
-                self.cache.kv[layer, slots[0] : slots[0] + b, :t] = entry
-            else:
-                self.cache.kv[layer, slots, :t] = entry
-            x = x + attn.forward_latent(h, cos, sin, entry, mask)
-            x = x + blk.mlp(blk.post_attention_layernorm(x))
-        last = x[torch.arange(b), lengths - 1]  # only the last prompt position needs logits
-        logits = m.lm_head(m.norm(last))
+            ids[i, : lengths[i]] = torch.tensor(s.req.prompt)
+        slots = torch.tensor([s.slot for s in unique], device=self.device)
+        logits = self.forward.prefill(ids.to(self.device), torch.tensor(lengths, device=self.device), slots)
         for s in unique:
             s.cached = len(s.req.prompt)
             s.req.output.time_to_first_token = time.perf_counter() - s.req.arrival
@@ -416,44 +414,27 @@ class Engine:
                 self.cache.move(first.slot, s.slot, first.cached)
                 s.cached = first.cached
         row = {s.req.id: i for i, s in enumerate(unique)}
-        self._sample(seqs, logits[[row[s.req.id] for s in seqs]])
+        if len(seqs) > len(unique):
+            logits = logits[[row[s.req.id] for s in seqs]]
+        self._sample(seqs, logits)
 
     def _decode(self) -> None:
         """One token for each running sequence. They occupy slots 0..n-1 (see _retire), so attention
         reads the plain slice kv[layer, :n, :T] with no gather."""
         seqs = self.running
-        n = len(seqs)
-        pos = torch.tensor([s.cached for s in seqs])
-        t = int(pos.max()) + 1
-        ids = torch.tensor([[s.last] for s in seqs], device=self.device)
-        slots = torch.arange(n, device=self.device)
-        m = self.model
-        x = m.embed_tokens(ids)
-        cos, sin = m.rotary(pos.unsqueeze(-1).to(self.device))  # (B, 1, rope/2)
-        mask = (torch.arange(t)[None, None, :] <= pos[:, None, None]).to(self.device)  # (B, 1, T)
-        pos = pos.to(self.device)
-        for layer, blk in enumerate(m.layers.values()):
-            attn = blk.self_attn
-            h = blk.input_layernorm(x)
-            kv = self.cache.kv[layer]
-            kv[slots, pos] = attn.compress(h, cos, sin)[:, 0]
-            x = x + attn.forward_latent(h, cos, sin, kv[:n, :t], mask)
-            x = x + blk.mlp(blk.post_attention_layernorm(x))
-        logits = m.lm_head(m.norm(x[:, 0]))
+        cached = [s.cached for s in seqs]
+        tokens = torch.tensor([s.last for s in seqs], device=self.device)
+        pos = torch.tensor(cached, device=self.device)
+        logits = self.forward.decode(tokens, pos, max(cached) + 1)
         for s in seqs:
             s.cached += 1
         self._sample(seqs, logits)
 
     # ------------------------------------------------------------------ sampling and output
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        masks = []
-        for s in seqs:
-            banned = None
-            if s.params.banned_token_ids:
-                banned = torch.zeros(self.vocab_size, dtype=torch.bool)
-                banned[s.params.banned_token_ids] = True
-            masks.append(s.mask(self.vocab_size, banned))
-        tokens, records = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], masks)
+        masks = [s.mask() for s in seqs]
+        generators = [s.generator for s in seqs]
+        tokens, records = sample(logits, [s.params for s in seqs], generators, masks, self._rng)
         for s, tok, rec in zip(seqs, tokens, records):
             self._append(s, tok, rec)
 
@@ -468,7 +449,8 @@ class Engine:
             self._emit(s, [tok], "", lps)
             self._finish(s, "stop")
             return
-        s.held += s.decoder.push(tok)
+        if not s.hidden(tok):
+            s.held += s.decoder.push(tok)
         text, stopped = self._release_text(s)
         self._emit(s, [tok], text, lps)
         if stopped:

@@ -2,9 +2,9 @@
 
 One `SamplingParams` per request, checked once at submission so that a bad value is a clear error at
 the API boundary instead of a NaN deep inside a decode step. The sampler works on a whole decode
-batch at once (temperature, top-k and top-p are per-row tensors), and only the final draw loops over
-rows, because each sequence owns a `torch.Generator`: a seeded request then gives the same tokens
-whether it runs alone or next to fifteen others.
+batch at once (temperature, top-k and top-p are per-row tensors, one exponential race draws every
+row). A seeded request owns a `torch.Generator` for its noise, so it gives the same tokens whether it
+runs alone or next to fifteen others.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class SamplingParams:
     n: int = 1  # independent completions of the same prompt
     logprobs: bool = False
     top_logprobs: int = 0
-    skip_special_tokens: bool = True  # False keeps tool-call markers in `text` for the parser
+    skip_special_tokens: bool = True  # drop special tokens from `text` (not from token_ids)
+    keep_special_token_ids: list[int] = field(default_factory=list)  # kept anyway: tool-call markers
     grammar: str | None = None  # llguidance grammar (see constrained.py); None = unconstrained
     banned_token_ids: list[int] = field(default_factory=list)  # never sampled (tool_choice "none")
 
@@ -70,7 +71,7 @@ class SamplingParams:
             "stop must be a list of non-empty strings",
         )
         need(len(self.stop) <= MAX_STOP, f"at most {MAX_STOP} stop strings, got {len(self.stop)}")
-        for name in ("stop_token_ids", "banned_token_ids"):
+        for name in ("stop_token_ids", "banned_token_ids", "keep_special_token_ids"):
             ids = getattr(self, name)
             need(
                 isinstance(ids, list) and all(is_int(i) and 0 <= i < vocab_size for i in ids),
@@ -92,33 +93,30 @@ class TokenLogprob:
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    generators: list[torch.Generator],
+    generators: list[torch.Generator | None],
     masks: list[torch.Tensor | None],
+    shared: torch.Generator | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits (B, V) -> one token per row, plus its logprob record when the row asked for logprobs.
 
     masks[i] is a bool (V,) tensor of allowed tokens (a grammar and/or banned tokens) or None.
+    Sampling is the exponential race (Gumbel-max): argmax(p / E) with E ~ Exp(1) per token picks
+    token i with probability p_i, so the whole batch is one division and one argmax. Rows with their
+    own generator (seeded requests) draw their noise from it, so their tokens do not depend on the
+    batch; the other rows draw theirs together from `shared`.
     """
     logits = logits.float()
     want_lp = [p.logprobs or p.top_logprobs > 0 for p in params]
     logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
     if any(m is not None for m in masks):
         everything = torch.ones_like(logits[0], dtype=torch.bool)
-        allowed = torch.stack([m if m is not None else everything for m in masks])
+        allowed = torch.stack([everything if m is None else m.to(logits.device) for m in masks])
         logits = logits.masked_fill(~allowed, float("-inf"))
-    tokens = logits.argmax(dim=-1)
-    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-    rows = (temps > 0).nonzero().flatten()
-    if len(rows):
-        sub = logits[rows] / temps[rows].unsqueeze(-1)
-        top_k = torch.tensor([params[i].top_k for i in rows.tolist()])
-        top_p = torch.tensor([params[i].top_p for i in rows.tolist()], dtype=torch.float32)
-        if bool((top_k > 0).any()) or bool((top_p < 1).any()):
-            sub = _top_k_top_p(sub, top_k, top_p)
-        probs = torch.softmax(sub, dim=-1)
-        for j, i in enumerate(rows.tolist()):
-            tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
-    out = tokens.tolist()
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not rows:
+        out = _argmax(logits).tolist()
+    else:
+        out = _draw(logits, params, generators, rows, shared)
     records: list[TokenLogprob | None] = []
     for i, p in enumerate(params):
         if not want_lp[i]:
@@ -132,10 +130,48 @@ def sample(
     return out, records
 
 
+def _draw(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    rows: list[int],
+    shared: torch.Generator | None,
+) -> list[int]:
+    """Tokens for every row: argmax for greedy rows, the exponential race for the `rows` that sample."""
+    b = logits.shape[0]
+    sub = logits if len(rows) == b else logits[rows]
+    temps = torch.tensor([params[i].temperature for i in rows], device=logits.device)
+    sub = sub / temps.unsqueeze(-1)
+    if any(params[i].top_k > 0 or params[i].top_p < 1 for i in rows):
+        top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)
+        top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
+        sub = _top_k_top_p(sub, top_k, top_p)
+    probs = torch.softmax(sub, dim=-1)
+    noise = torch.empty_like(probs)
+    own = [j for j, i in enumerate(rows) if generators[i] is not None]
+    if len(own) < len(rows):
+        noise.exponential_(generator=shared)
+    for j in own:
+        noise[j].exponential_(generator=generators[rows[j]])
+    # exponential_ can return exactly 0; keep the race finite (and 0/0 out of masked tokens)
+    drawn = _argmax(probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny))
+    if len(rows) == b:
+        return drawn.tolist()
+    out = _argmax(logits)
+    out[rows] = drawn
+    return out.tolist()
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of each row's maximum (the first one on ties, as argmax): `max` is ~3x faster than
+    `argmax` on CPU for (16, 8k) rows."""
+    return x.max(dim=-1).indices
+
+
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep, per row, the top_k most likely tokens and the smallest set whose mass reaches top_p."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    rank = torch.arange(logits.shape[-1]).unsqueeze(0)
+    rank = torch.arange(logits.shape[-1], device=logits.device).unsqueeze(0)
     cut = (top_k.unsqueeze(-1) > 0) & (rank >= top_k.unsqueeze(-1))
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs  # the best token is always kept
