@@ -15,7 +15,8 @@ term pulls it back (a trust region without clipping). Log-probs are sums over th
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from openk2.train.loop import causal_lm_loss
 
 
 def k15_loss(
@@ -60,10 +61,10 @@ def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 def masked_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy averaged over the tokens where mask (B, T) is true (the PTX / SFT loss:
     only assistant tokens are targets)."""
-    targets = input_ids[:, 1:].masked_fill(~mask[:, 1:].bool(), -100)
-    if not bool((targets != -100).any()):
+    target_mask = mask[:, 1:].bool()
+    if not bool(target_mask.any()):
         raise ValueError("masked_lm_loss: the mask selects no target tokens")
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return causal_lm_loss(logits[:, :-1], input_ids[:, 1:], target_mask)
 
 
 def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0) -> dict:
