@@ -56,12 +56,11 @@ def _barrier() -> None:
 
 
 @torch.no_grad()
-def save(path: str | os.PathLike, pm: ParallelModel, opt: DistributedMuon | None = None, **meta) -> None:
-    """Write a layout-independent checkpoint; `meta` (step, data position, ...) goes to meta.json.
-    Collective: every rank must call it."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    mesh = pm.mesh
+def gather_stage(
+    pm: ParallelModel, opt: DistributedMuon | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """This pipeline stage's model tensors and optimizer state (by parameter name) as full tensors:
+    expert slices gathered over ep, ZeRO-1 shards over their group. Collective over the stage."""
     model: dict[str, torch.Tensor] = {}
     for ch in pm.chunks:
         for name, t in ch.state_dict().items():
@@ -73,6 +72,17 @@ def save(path: str | os.PathLike, pm: ParallelModel, opt: DistributedMuon | None
                 k: _gather_experts(v, pm) if is_expert_param(name) and isinstance(v, torch.Tensor) else v
                 for k, v in state.items()
             }
+    return model, optim
+
+
+@torch.no_grad()
+def save(path: str | os.PathLike, pm: ParallelModel, opt: DistributedMuon | None = None, **meta) -> None:
+    """Write a layout-independent checkpoint; `meta` (step, data position, ...) goes to meta.json.
+    Collective: every rank must call it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    mesh = pm.mesh
+    model, optim = gather_stage(pm, opt)
     if mesh.dp_rank == 0 and mesh.ep_rank == 0:
         tmp = path / f"stage-{mesh.pp_rank}.pt.tmp"
         torch.save({"model": model, "optim": optim}, tmp)
@@ -107,6 +117,20 @@ def read_full(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[st
 def load(path: str | os.PathLike, pm: ParallelModel, opt: DistributedMuon | None = None) -> dict:
     """Load a checkpoint saved under any layout into this rank's share; returns its meta."""
     model, optim, meta = read_full(path)
+    load_full(pm, opt, model, optim, str(path))
+    return meta
+
+
+@torch.no_grad()
+def load_full(
+    pm: ParallelModel,
+    opt: DistributedMuon | None,
+    model: dict[str, torch.Tensor],
+    optim: dict[str, dict],
+    path: str = "checkpoint",
+) -> None:
+    """Copy full (unsharded, globally named) model tensors and optimizer state into this rank's share:
+    its layers, its expert slice, its ZeRO-1 optimizer shard. `path` only names the source in errors."""
     for ch in pm.chunks:
         own = ch.state_dict()
         missing = [n for n in own if n not in model]
@@ -126,7 +150,6 @@ def load(path: str | os.PathLike, pm: ParallelModel, opt: DistributedMuon | None
                     for k, v in optim[name].items()
                 }
         opt.load_full_state(local)
-    return meta
 
 
 def export_hf(path: str | os.PathLike, out: str | os.PathLike) -> None:

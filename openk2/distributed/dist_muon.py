@@ -16,6 +16,11 @@ equal shards; rank i owns shard i of the optimizer state. One step (reference se
 5. QK-Clip: the step's max logits are max-reduced over the batch group (`ParallelModel.reduce_stats`)
    before the clip, so every rank scales the same heads by the same factors.
 
+Gradient clipping needs the norm of the whole reduced gradient before any update: `reduce_grads()` does
+step 1 alone and returns that norm (the shards of all ranks partition the model, so it is the square
+root of one all-reduced sum of squares), `clip_grads_(coef)` scales the shards, and `step()` continues
+from them. A trainer can thus check the norm for NaN/inf before the weights are touched.
+
 The arithmetic is MuonClip's (`openk2.optim.muon`): the same pure `momentum_direction`,
 `newton_schulz` and `muon_scale`, the same AdamW formula, so a run matches the single-process
 optimizer up to floating-point summation order.
@@ -26,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from openk2.distributed.mesh import COMM, all_gather, group_size, reduce_scatter
+from openk2.distributed.mesh import COMM, all_gather, all_reduce_, group_size, reduce_scatter
 from openk2.distributed.parallelize import ParallelModel
 from openk2.optim.muon import ADAMW_MATRICES, momentum_direction, muon_scale, newton_schulz
 from openk2.optim.qk_clip import qk_clip_
@@ -69,15 +74,18 @@ class DistributedMuon(torch.optim.Optimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_lr: float | None = None,
+        adamw_only: bool = False,
     ):
+        """adamw_only: AdamW for every parameter (the decay split unchanged), as `--optimizer adamw`."""
         self.pm = pm
+        self._grads: dict[int, torch.Tensor] | None = None  # reduced gradient shards, see reduce_grads
         self.slots: dict[int, _Slot] = {}
         muon, decay, no_decay = [], [], []
         owners: dict[int, int] = {}  # per group: next owner, round-robin
         for name, p in pm.named_parameters():
             if not p.requires_grad:
                 continue
-            use_muon = p.ndim >= 2 and not name.endswith(ADAMW_MATRICES)
+            use_muon = not adamw_only and p.ndim >= 2 and not name.endswith(ADAMW_MATRICES)
             slot = _Slot(name, p, pm.reduction_group(name), use_muon)
             if use_muon:
                 key = id(slot.group)
@@ -100,21 +108,41 @@ class DistributedMuon(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure=None) -> int:
-        """One update of every parameter shard, the parameter all-gather, then QK-Clip on the step's
-        reduced max logits (call `pm.reduce_stats()` first). Returns heads clipped on this rank's chunks."""
-        if closure is not None:
-            with torch.enable_grad():
-                closure()
+    def reduce_grads(self) -> float:
+        """Reduce-scatter every gradient into this rank's shard of the batch-mean gradient and return
+        the global gradient norm (the same on every rank). Collective; `step()` continues from here."""
         scale = 1.0 / self.pm.mesh.batch_size
-        grads = {}
+        self._grads = {}
+        squares = torch.zeros((), dtype=torch.float64)
         for group in self.param_groups:
             for p in group["params"]:
                 slot = self.slots[id(p)]
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
                 shard = g.new_empty(slot.shard_len)
                 reduce_scatter(shard, slot.padded(g), slot.group)
-                grads[id(p)] = shard.mul_(scale)
+                self._grads[id(p)] = shard.mul_(scale)
+                squares += shard.double().square().sum()
+        world = dist.group.WORLD if dist.is_initialized() else None
+        return float(all_reduce_(squares, world).sqrt())  # shards partition the model: sum them all
+
+    @torch.no_grad()
+    def clip_grads_(self, coef: float) -> None:
+        """Scale the reduced gradient shards (after `reduce_grads`), e.g. by max_norm / norm."""
+        if self._grads is None:
+            raise RuntimeError("clip_grads_ needs reduce_grads() first")
+        for g in self._grads.values():
+            g.mul_(coef)
+
+    @torch.no_grad()
+    def step(self, closure=None) -> int:
+        """One update of every parameter shard, the parameter all-gather, then QK-Clip on the step's
+        reduced max logits (call `pm.reduce_stats()` first). Returns heads clipped on this rank's chunks."""
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        if self._grads is None:
+            self.reduce_grads()
+        grads, self._grads = self._grads, None
         for group in self.param_groups:
             if group["use_muon"]:
                 self._muon_group(group, grads)

@@ -78,7 +78,7 @@ class ParallelModel:
     def forward_backward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Loss of the global batch (B, S) -> the same scalar on every rank; gradients accumulated."""
         x, y = self.mesh.local_batch(input_ids), self.mesh.local_batch(targets)
-        self._reset_stats()
+        self.reset_stats()
         if self.pipeline is None:
             model = self.chunks[0]
             loss = lm_loss(model(x), y)
@@ -129,7 +129,9 @@ class ParallelModel:
 
         return hook
 
-    def _reset_stats(self) -> None:
+    def reset_stats(self) -> None:
+        """Start a step's statistics (forward_backward does it; a loop accumulating several
+        forward/backward passes into one step calls it once)."""
         self._max.clear()
         self._counts.clear()
 

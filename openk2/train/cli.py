@@ -1,5 +1,7 @@
 """`openk2 train`: pre-train a model. With no arguments: the `small` preset with MuonClip on the
-embedded Shakespeare corpus, sized to finish in about five minutes on two CPU cores, then a sample."""
+embedded Shakespeare corpus, sized to finish in about five minutes on two CPU cores, then a sample.
+Under `torchrun --nproc-per-node N -m openk2.cli train --pp P --ep E` the same run is spread over a
+pp x dp x ep mesh (openk2/distributed/train.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import argparse
 import sys
 from dataclasses import fields
 
-from openk2.train.loop import OPTIMIZERS, TrainConfig, TrainingDiverged, pretrain
+from openk2.distributed.mesh import ParallelConfig
+from openk2.train.loop import NS_DTYPES, OPTIMIZERS, TrainConfig, TrainingDiverged, pretrain
 from openk2.train.memory import MemoryOptions
 from openk2.train.schedule import SCHEDULES
 
@@ -21,6 +24,7 @@ HELP = {
     "seq_len": "tokens per sequence",
     "grad_accum": "micro-batches per optimizer step",
     "lr": "peak learning rate (shared by the Muon and AdamW parts)",
+    "ns_dtype": "Newton-Schulz precision (bfloat16 as K2; float32 to compare layouts exactly)",
     "qk_clip_tau": "QK-Clip threshold on the max attention logit",
     "bias_update_rate": "aux-loss-free routing-bias step per optimizer step",
     "aux_loss_alpha": "sequence-wise aux loss weight (default: the model config's)",
@@ -34,7 +38,7 @@ HELP = {
 def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     for f in fields(TrainConfig):
-        if f.name in ("memory", "progress", "tensorboard"):
+        if f.name in ("memory", "progress", "tensorboard", "parallel"):
             continue
         flag = "--" + f.name.replace("_", "-")
         value = getattr(defaults, f.name)
@@ -43,11 +47,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             continue
         optional = {"aux_loss_alpha": float, "max_chars": int, "stop_at": int, "threads": int}
         kind = optional.get(f.name, type(value))
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}.get(f.name)
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "ns_dtype": NS_DTYPES}.get(f.name)
         p.add_argument(flag, type=kind, default=value, choices=choices, help=HELP.get(f.name))
     p.add_argument("--recompute", action="store_true", help="selective recomputation (norms, SwiGLU, MLA)")
     p.add_argument("--fp8-activations", action="store_true", help="save expert activations as FP8 (1x128)")
     p.add_argument("--offload", action="store_true", help="offload saved activations to pinned CPU memory")
+    par = p.add_argument_group("parallel layout (under torchrun; see docs/distributed.md)")
+    par.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    par.add_argument(
+        "--ep", type=int, default=1, help="expert-parallel degree (routed experts split this way)"
+    )
+    par.add_argument("--dp", type=int, default=0, help="data-parallel replicas (0: processes / (pp * ep))")
+    par.add_argument("--virtual-stages", type=int, default=1, help="model chunks per pipeline rank")
+    par.add_argument("--microbatches", type=int, default=0, help="pipeline micro-batches (0: 2 * pp)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run has checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
@@ -59,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
     values["memory"] = MemoryOptions(args.recompute, args.fp8_activations, args.offload)
     values["progress"] = not args.no_progress
     values["tensorboard"] = not args.no_tensorboard
+    values["parallel"] = ParallelConfig(args.pp, args.dp, args.ep, args.virtual_stages, args.microbatches)
     try:
         cfg = TrainConfig(**values).validate()
         summary = pretrain(cfg, resume=not args.no_resume)
@@ -68,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return 0
     eval_loss = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
     print(
         f"trained {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.0f} s "

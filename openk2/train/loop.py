@@ -10,12 +10,15 @@ Pieces, each usable on its own:
   QK-Clip from the max logits of all the step's micro-batches, then the routing-bias update from the
   step's expert counts.
 * `Trainer.evaluate(batches)`, `Trainer.state_dict()` / `load_state_dict()` for checkpoints.
-* `pretrain(cfg)`: the whole pre-training run behind `openk2 train`.
+* `pretrain(cfg)`: the whole pre-training run behind `openk2 train`. Under torchrun (or with a
+  parallel layout in `cfg.parallel`) it hands over to `openk2.distributed.train.pretrain_distributed`,
+  which runs the same steps on a pp x dp x ep mesh and writes the same checkpoints.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openk2.distributed.mesh import ParallelConfig
 from openk2.optim import MuonClip, load_imbalance, update_routing_bias_
 from openk2.optim.muon import split_parameters
 from openk2.train.data import Batch
@@ -32,6 +36,7 @@ from openk2.train.memory import MemoryOptions, activation_context, apply_memory_
 from openk2.train.schedule import Schedule
 
 OPTIMIZERS = ("muonclip", "muon", "adamw")
+NS_DTYPES = ("bfloat16", "float32")  # Newton-Schulz precision: bf16 as K2; float32 for exact comparisons
 
 
 class TrainingDiverged(RuntimeError):
@@ -67,6 +72,7 @@ class TrainConfig:
     momentum: float = 0.95
     qk_clip_tau: float = 100.0
     grad_clip: float = 1.0
+    ns_dtype: str = "bfloat16"
     bias_update_rate: float = 1e-3
     aux_loss_alpha: float | None = None  # None: the model config's
     # schedule
@@ -89,10 +95,14 @@ class TrainConfig:
     stop_at: int | None = None  # stop (as if killed) after this step, keeping the schedule of `steps`
     progress: bool = True
     tensorboard: bool = True
+    # layout under torchrun; dp=0: world size / (pp * ep)
+    parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(dp=0))
 
     def validate(self) -> TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.ns_dtype not in NS_DTYPES:
+            raise ValueError(f"unknown ns_dtype {self.ns_dtype!r}; choose one of {', '.join(NS_DTYPES)}")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -111,7 +121,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     tau = cfg.qk_clip_tau if cfg.optimizer == "muonclip" else None
-    return MuonClip(model, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, qk_clip_tau=tau)
+    return MuonClip(model, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, qk_clip_tau=tau,
+                    ns_dtype=getattr(torch, cfg.ns_dtype))  # fmt: skip
 
 
 def pick_device(name: str) -> torch.device:
@@ -254,6 +265,7 @@ def _config_dict(cfg: TrainConfig) -> dict:
 def train_config_from_dict(d: dict) -> TrainConfig:
     d = dict(d)
     d["memory"] = MemoryOptions(**d.get("memory", {}))
+    d["parallel"] = ParallelConfig(**d.get("parallel", {"dp": 0}))
     return TrainConfig(**d)
 
 
@@ -273,28 +285,18 @@ def load_tokenizer(name: str, vocab_size: int):
     return tok
 
 
-def pretrain(cfg: TrainConfig, resume: bool = True) -> dict:
-    """Train `cfg.preset` on `cfg.corpus`; resumes from the run's latest checkpoint when there is one.
-    Returns a summary (final losses, tokens/s, paths). Raises TrainingDiverged on NaN/inf."""
-    from tqdm import tqdm
+def is_distributed(cfg: TrainConfig) -> bool:
+    """Launched by torchrun with several processes, or asked for a parallel layout."""
+    p = cfg.parallel
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.pp * max(p.dp, 1) * p.ep * p.virtual_stages > 1
 
-    from openk2.config import ModelConfig
-    from openk2.model.transformer import Transformer
-    from openk2.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
-    from openk2.train.checkpoint import rng_state as get_rng_state
+
+def prepare_data(cfg: TrainConfig, vocab_size: int):
+    """(tokenizer, training loader, fixed eval batches, facts for the run's config record). Every
+    process of a distributed run builds the same loader and so sees the same global batches."""
     from openk2.train.data import PackedLoader, split_tokens, tokenize_corpus
-    from openk2.train.logging import RunLogger, plot_run, read_metrics
 
-    cfg.validate()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    run_dir = Path(cfg.out_dir)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-
-    torch.manual_seed(cfg.seed)
-    model_cfg = ModelConfig.from_preset(cfg.preset)
-    tokenizer = load_tokenizer(cfg.tokenizer, model_cfg.vocab_size)
+    tokenizer = load_tokenizer(cfg.tokenizer, vocab_size)
     t_tok = time.perf_counter()
     tokens = tokenize_corpus(cfg.corpus, tokenizer, max_chars=cfg.max_chars)
     t_tok = time.perf_counter() - t_tok
@@ -304,6 +306,39 @@ def pretrain(cfg: TrainConfig, resume: bool = True) -> dict:
     val_batch = max(1, min(cfg.batch_size, (len(val_tokens) - 1) // cfg.seq_len))
     val_loader = PackedLoader(val_tokens, val_batch, cfg.seq_len, shuffle=False, eos_id=eos)
     eval_batches = val_loader.batches(min(cfg.eval_batches, val_loader.n_windows // val_batch))
+    facts = {
+        "train_tokens": int(len(train_tokens)),
+        "val_tokens": int(len(val_tokens)),
+        "tokenize_seconds": t_tok,
+    }
+    return tokenizer, loader, eval_batches, facts
+
+
+def pretrain(cfg: TrainConfig, resume: bool = True) -> dict:
+    """Train `cfg.preset` on `cfg.corpus`; resumes from the run's latest checkpoint when there is one.
+    Returns a summary (final losses, tokens/s, paths). Raises TrainingDiverged on NaN/inf."""
+    from tqdm import tqdm
+
+    from openk2.config import ModelConfig
+    from openk2.model.transformer import Transformer
+    from openk2.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+    from openk2.train.checkpoint import rng_state as get_rng_state
+    from openk2.train.logging import RunLogger, plot_run, read_metrics
+
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if is_distributed(cfg):
+        from openk2.distributed.train import pretrain_distributed
+
+        return pretrain_distributed(cfg, resume)
+    device = pick_device(cfg.device)
+    run_dir = Path(cfg.out_dir)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = ModelConfig.from_preset(cfg.preset)
+    tokenizer, loader, eval_batches, facts = prepare_data(cfg, model_cfg.vocab_size)
 
     model = Transformer(model_cfg).to(device)
     optimizer = build_optimizer(model, cfg)
@@ -321,9 +356,7 @@ def pretrain(cfg: TrainConfig, resume: bool = True) -> dict:
         print(f"resuming from {ckpt} (step {trainer.step})")
     logger = RunLogger(run_dir, tensorboard=cfg.tensorboard, append=ckpt is not None)
     if ckpt is None:
-        logger.log({"kind": "config", "config": _config_dict(cfg), "model": model_cfg.to_hf_dict(),
-                    "train_tokens": int(len(train_tokens)), "val_tokens": int(len(val_tokens)),
-                    "tokenize_seconds": t_tok})  # fmt: skip
+        logger.log({"kind": "config", "config": _config_dict(cfg), "model": model_cfg.to_hf_dict(), **facts})
 
     def save() -> Path:
         state = trainer.state_dict()

@@ -1,0 +1,426 @@
+"""`openk2 train` under torchrun: the single-process pre-training run on a pp x dp x ep mesh.
+
+    torchrun --standalone --nproc-per-node 4 -m openk2.cli train --preset tiny --pp 2 --ep 2
+
+Same run, same numbers. Every process builds the same packed data loader and reads the same global
+batch of `batch_size` sequences per micro-batch; each rank of a stage's batch group (dp x ep) keeps
+its rows (`Mesh.local_batch`), so the global batch, and with it the loss, the gradient and the update,
+are the single-process run's up to floating-point summation order. The model is built on every rank
+from the same seed and then cut (pipeline chunks) and sharded (expert slices); the optimizer is
+`DistributedMuon` (ZeRO-1) with MuonClip's arithmetic, or its AdamW-only mode for `--optimizer adamw`.
+
+Per step (`DistributedTrainer.train_step`, mirroring `Trainer.train_step`):
+
+1. forward/backward of every gradient-accumulation micro-batch, scaled by 1/grad_accum;
+2. `reduce_stats`: max logits max-reduced and expert counts summed over the batch group, so QK-Clip
+   and the routing-bias update act identically on every rank;
+3. the gradient is reduce-scattered and its *global* norm computed (`DistributedMuon.reduce_grads`);
+   a NaN/inf loss or norm stops the run before any weight changes; otherwise the shards are clipped
+   to `grad_clip` and the update applied;
+4. the step's loss, aux loss, max logit, clipped heads and imbalance are reduced for the log, which
+   only rank 0 writes (as it alone prints, draws the progress bar and writes PNGs).
+
+Checkpoints are layout-independent because they are the single-process checkpoints: full tensors are
+gathered to rank 0, which writes the same Hugging Face-layout directory and `trainer_state.pt` (the
+full optimizer state in `MuonClip`/`AdamW` `state_dict` form, step, data position, RNG, config) as
+`pretrain`. Loading reads that directory on every rank and keeps each rank's share. So a run saved with
+ep=2 resumes in one process or with pp=2 and the other way round, and `openk2 sample`, `openk2 serve`
+and `openk2 export` take any of them. The price: the full model and optimizer state pass through rank
+0 (and every rank reads the full checkpoint) -- fine up to models that fit one host's memory; at K2
+scale one would write per-rank shards with `torch.distributed.checkpoint`.
+
+Limitations: the collectives here run on CPU tensors with gloo, so this path trains on the CPU
+(`--device auto` or `cpu`); `--document-mask` (segment ids) is not carried through the pipeline, so it
+needs pp = 1.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from openk2.config import ModelConfig
+from openk2.distributed import checkpoint as dckpt
+from openk2.distributed.dist_muon import DistributedMuon
+from openk2.distributed.launch import setup
+from openk2.distributed.mesh import Mesh, ParallelConfig, all_reduce_, init_from_env
+from openk2.distributed.parallelize import ParallelModel
+from openk2.model.moe import MoE
+from openk2.model.transformer import Transformer
+from openk2.optim import load_imbalance, update_routing_bias_
+from openk2.train.checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from openk2.train.checkpoint import rng_state as get_rng_state
+from openk2.train.data import Batch
+from openk2.train.logging import RunLogger, plot_run, read_metrics
+from openk2.train.loop import (
+    TrainConfig,
+    TrainingDiverged,
+    _config_dict,
+    build_optimizer,
+    causal_lm_loss,
+    prepare_data,
+)
+from openk2.train.memory import activation_context, apply_memory_options
+from openk2.train.schedule import Schedule
+
+
+def resolve_layout(parallel: ParallelConfig, world: int | None = None) -> ParallelConfig:
+    """Fill in dp (0: world / (pp * ep)) and check the layout against the processes launched."""
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
+    p = ParallelConfig(**vars(parallel))
+    for name in ("pp", "ep", "virtual_stages"):
+        if getattr(p, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(p, name)}")
+    if p.dp < 0 or p.microbatches < 0:
+        raise ValueError("--dp and --microbatches must be >= 0 (0: automatic)")
+    if p.dp == 0:
+        if world % (p.pp * p.ep):
+            raise ValueError(f"{world} processes cannot be split into pp={p.pp} x ep={p.ep} x dp")
+        p.dp = max(world // (p.pp * p.ep), 1)
+    if world == 1 and p.world_size > 1:
+        raise ValueError(
+            f"--pp {p.pp} --dp {p.dp} --ep {p.ep} needs {p.world_size} processes: launch with "
+            f"`torchrun --standalone --nproc-per-node {p.world_size} -m openk2.cli train ...`"
+        )
+    return p.validate(world)
+
+
+def _world():
+    return dist.group.WORLD if dist.is_initialized() else None
+
+
+class DistributedTrainer:
+    """`Trainer` on a mesh: same step, statistics, clipping and divergence check; see the module doc."""
+
+    def __init__(self, model: Transformer, mesh: Mesh, schedule: Schedule, cfg: TrainConfig):
+        self.mesh, self.schedule, self.cfg = mesh, schedule, cfg
+        self.config = model.config
+        self.step = 0
+        self.tokens = 0
+        torch.set_flush_denormal(True)  # as Trainer: rare-token softmax underflow is slow on x86
+        if cfg.aux_loss_alpha is not None:
+            for m in model.modules():
+                if hasattr(m, "aux_loss_alpha"):
+                    m.aux_loss_alpha = cfg.aux_loss_alpha
+        self.pm = ParallelModel(model, mesh)
+        for ch in self.pm.chunks:
+            apply_memory_options(ch, cfg.memory)
+        tau = cfg.qk_clip_tau if cfg.optimizer == "muonclip" else None
+        self.optimizer = DistributedMuon(
+            self.pm, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, qk_clip_tau=tau,
+            adamw_only=cfg.optimizer == "adamw", ns_dtype=getattr(torch, cfg.ns_dtype),
+        )  # fmt: skip
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.params = self.pm.parameters()
+        self._aux = 0.0  # sum of the MoE layers' aux losses over this rank's forwards of the step
+        for ch in self.pm.chunks:
+            for m in ch.modules():
+                if isinstance(m, MoE):
+                    m.register_forward_hook(self._on_moe)
+        p = mesh.parallel
+        self.pipe_mb = p.n_microbatches() if p.pp > 1 else 1  # forwards per layer per micro-batch
+
+    def _on_moe(self, mod: MoE, args, out) -> None:
+        if mod.training and mod.compute_aux_loss and mod.aux_loss_alpha > 0 and mod.aux_loss is not None:
+            self._aux += float(mod.aux_loss.detach())
+
+    def check_batch(self, batch_size: int) -> None:
+        """The global batch must split into the batch group and each rank's share into micro-batches."""
+        n = self.mesh.batch_size
+        if batch_size % n:
+            raise ValueError(f"--batch-size {batch_size} is not divisible by dp * ep = {n}")
+        if (batch_size // n) % self.pipe_mb:
+            raise ValueError(
+                f"each rank's {batch_size // n} sequences do not split into {self.pipe_mb} pipeline "
+                "micro-batches; change --batch-size or --microbatches"
+            )
+
+    # ------------------------------------------------------------------ one step
+    def _forward_backward(self, mb: Batch, n: int) -> float:
+        """This rank's rows of one global micro-batch; gradients of loss / n accumulate. Returns this
+        rank's mean loss (0 on pipeline stages without the head)."""
+        mesh, pm = self.mesh, self.pm
+        if mb.loss_mask is not None:
+            raise ValueError("loss masks are not supported by distributed pre-training")
+        x, y = mesh.local_batch(mb.input_ids), mesh.local_batch(mb.targets)
+        with activation_context(self.cfg.memory, torch.device("cpu")):
+            if pm.pipeline is None:
+                model = pm.chunks[0]
+                seg = None if mb.segment_ids is None else mesh.local_batch(mb.segment_ids)
+                loss = causal_lm_loss(model(x, segment_ids=seg), y)
+                ((loss + model.aux_loss()) / n).backward()
+                return float(loss.detach())
+            held = [p.grad for p in self.params]  # the schedule rescales all of .grad: keep ours apart
+            for p in self.params:
+                p.grad = None
+            loss = pm.pipeline.step(x, y)
+        for p, g in zip(self.params, held):
+            if p.grad is not None and n > 1:
+                p.grad.div_(n)
+            if g is not None:
+                p.grad = g if p.grad is None else g.add_(p.grad)
+        return 0.0 if loss is None else float(loss)
+
+    def train_step(self, micro_batches: list[Batch]) -> dict:
+        """One optimizer step over global micro-batches (the same on every rank); the same metrics as
+        `Trainer.train_step`, identical on every rank."""
+        t0 = time.perf_counter()
+        self.pm.train()
+        scale = self.schedule(self.step)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * scale
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pm.reset_stats()
+        self._aux = 0.0
+        n = len(micro_batches)
+        loss_sum, tokens = 0.0, 0
+        for mb in micro_batches:
+            loss_sum += self._forward_backward(mb, n)
+            tokens += mb.num_tokens
+        sums = all_reduce_(torch.tensor([loss_sum, self._aux], dtype=torch.float64), _world())
+        per = self.mesh.batch_size * n  # every (batch rank, micro-batch) contributed one mean
+        loss_value, aux_value = float(sums[0]) / per, float(sums[1]) / (per * self.pipe_mb)
+
+        self.pm.reduce_stats()
+        chunks = self.pm.chunks
+        logits = [m for ch in chunks for m in ch.max_attention_logits().values()]
+        counts = {k: c for ch in chunks for k, c in ch.expert_counts().items()}
+        local_max = max((float(m.max()) for m in logits), default=float("-inf"))
+        maxes = all_reduce_(torch.tensor([local_max, load_imbalance(counts)]), _world(), dist.ReduceOp.MAX)
+        grad_norm = self.optimizer.reduce_grads()
+        if not torch.isfinite(torch.tensor([loss_value, grad_norm])).all():
+            raise TrainingDiverged(
+                f"step {self.step + 1}: loss {loss_value}, gradient norm {grad_norm}; "
+                "the update was not applied"
+            )
+        coef = self.cfg.grad_clip / (grad_norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
+        if coef < 1:
+            self.optimizer.clip_grads_(coef)
+        clipped = self.optimizer.step()
+        for ch in chunks:
+            for blk in ch.layers.values():  # consumed (or unused without QK-Clip): no stale numbers
+                blk.self_attn.max_logits = None
+            update_routing_bias_(ch, rate=self.cfg.bias_update_rate)
+        # each batch-group rank clipped the same heads; the pp ranks clipped different layers
+        clipped = int(all_reduce_(torch.tensor(clipped), _world())) // self.mesh.batch_size
+        self.step += 1
+        self.tokens += tokens
+        dt = time.perf_counter() - t0
+        return {
+            "kind": "train",
+            "step": self.step,
+            "tokens": self.tokens,
+            "loss": loss_value,
+            "aux_loss": aux_value,
+            "lr": self.base_lrs[0] * scale,
+            "grad_norm": grad_norm,
+            "max_logit": float(maxes[0]) if logits or self.mesh.parallel.pp > 1 else float("nan"),
+            "heads_clipped": clipped,
+            "imbalance": float(maxes[1]),
+            "step_time": dt,
+            "tokens_per_s": tokens / dt,
+        }
+
+    # ------------------------------------------------------------------ evaluation
+    def _forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Forward of a whole batch through the chunks in order (no pipelining: evaluation is rare).
+        Every rank of a stage runs the same rows, so expert all-to-alls pair up. Returns the logits on
+        the last stage, None elsewhere."""
+        pp, chunks = self.mesh.parallel.pp, self.pm.chunks
+        if pp == 1:
+            return chunks[0](input_ids, segment_ids=segment_ids)
+        ranks, me = self.mesh.pp_ranks, self.mesh.pp_rank
+        n_chunks = pp * self.mesh.parallel.virtual_stages
+        b, s = input_ids.shape
+        h = input_ids
+        for c in range(n_chunks):
+            if c % pp != me:
+                continue
+            if c > 0:
+                h = torch.empty(b, s, self.config.hidden_size, dtype=self.params[0].dtype)
+                dist.recv(h, ranks[(c - 1) % pp])
+            h = chunks[c // pp](h)
+            if c < n_chunks - 1:
+                dist.send(h.contiguous(), ranks[(c + 1) % pp])
+        return h if self.mesh.is_last_stage else None
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> float:
+        """Mean eval loss (the same number as `Trainer.evaluate`), on every rank."""
+        for ch in self.pm.chunks:
+            ch.eval()
+            ch.record_stats(False)
+        try:
+            total, count = 0.0, 0
+            for mb in batches:
+                logits = self._forward(mb.input_ids, mb.segment_ids)
+                if logits is not None:
+                    total += float(causal_lm_loss(logits, mb.targets, mb.loss_mask)) * mb.num_tokens
+                count += mb.num_tokens
+            total = float(all_reduce_(torch.tensor(total, dtype=torch.float64), self.mesh.pp_group))
+        finally:
+            for ch in self.pm.chunks:
+                ch.record_stats(True)
+                ch.train()
+        return total / max(count, 1)
+
+    # ------------------------------------------------------------------ checkpoints (single-process format)
+    def _single_process_optimizer(self, model: Transformer) -> torch.optim.Optimizer:
+        return build_optimizer(model, self.cfg)
+
+    def save(self, run_dir: Path, tokenizer, extra: dict, keep: int) -> Path:
+        """Write `pretrain`'s checkpoint (HF layout + trainer_state.pt) from rank 0. Collective."""
+        mesh = self.mesh
+        model_sd, optim = dckpt.gather_stage(self.pm, self.optimizer)
+        if mesh.parallel.pp > 1 and mesh.dp_rank == 0 and mesh.ep_rank == 0:  # rank 0's pp group
+            parts = [None] * mesh.parallel.pp if mesh.rank == 0 else None
+            dist.gather_object((model_sd, optim), parts, dst=0, group=mesh.pp_group)
+            if mesh.rank == 0:
+                for m, o in parts[1:]:
+                    model_sd.update(m)
+                    optim.update(o)
+        path = checkpoint_dir(run_dir, self.step)
+        if mesh.rank == 0:
+            with torch.device("meta"):
+                full = Transformer(self.config)
+            full.to_empty(device="cpu")
+            full.load_state_dict(model_sd)
+            full.rotary.reset_parameters(self.config)
+            opt = self._single_process_optimizer(full)
+            named = dict(full.named_parameters())
+            adamw = isinstance(opt, torch.optim.AdamW)
+            for name, state in optim.items():
+                state = dict(state)
+                if adamw:  # torch's AdamW keeps its step count as a float tensor
+                    state["step"] = torch.tensor(float(state["step"]))
+                opt.state[named[name]] = state
+            state = {"step": self.step, "tokens": self.tokens, "optimizer": opt.state_dict(),
+                     "schedule": asdict(self.schedule), "base_lrs": self.base_lrs, **extra}  # fmt: skip
+            path = save_checkpoint(run_dir, self.step, full, tokenizer, state, keep=keep)
+        dist.barrier()
+        return path
+
+    def load(self, ckpt: Path, state: dict) -> None:
+        """Load a `pretrain` checkpoint (written under any layout, or by one process) into this rank's
+        share: weights, routing biases, optimizer state, step and token counts."""
+        full = Transformer.from_pretrained(ckpt, dtype=self.params[0].dtype)
+        opt = self._single_process_optimizer(full)
+        opt.load_state_dict(state["optimizer"])
+        optim = {}
+        for name, p in full.named_parameters():
+            if p in opt.state:
+                optim[name] = {k: int(v) if k == "step" else v for k, v in opt.state[p].items()}
+        dckpt.load_full(self.pm, self.optimizer, full.state_dict(), optim, str(ckpt))
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.base_lrs = list(state["base_lrs"])
+
+
+def pretrain_distributed(cfg: TrainConfig, resume: bool = True) -> dict:
+    """`pretrain` on the mesh `cfg.parallel` under torchrun (called by `pretrain`). Returns the same
+    summary on every rank, plus "rank"; only rank 0 logs, prints and plots."""
+    if cfg.device not in ("auto", "cpu"):
+        raise ValueError(f"distributed training runs on the CPU (gloo) for now; --device {cfg.device}")
+    parallel = resolve_layout(cfg.parallel)
+    if cfg.document_mask and parallel.pp > 1:
+        raise ValueError("--document-mask needs --pp 1: segment ids are not passed through the pipeline")
+    init_from_env("gloo")
+    mesh = setup(parallel)
+    try:
+        return _run(cfg, mesh, resume)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, mesh: Mesh, resume: bool) -> dict:
+    rank0 = mesh.rank == 0
+    run_dir = Path(cfg.out_dir)
+    ckpt = latest_checkpoint(run_dir) if resume else None  # every rank looks before anyone saves
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and as one process
+    model_cfg = ModelConfig.from_preset(cfg.preset)
+    tokenizer, loader, eval_batches, facts = prepare_data(cfg, model_cfg.vocab_size)
+    schedule = Schedule(cfg.schedule, cfg.steps, min(cfg.warmup_steps, cfg.steps), cfg.decay_fraction,
+                        cfg.min_lr_ratio)  # fmt: skip
+    trainer = DistributedTrainer(Transformer(model_cfg), mesh, schedule, cfg)
+    trainer.check_batch(cfg.batch_size)
+    if ckpt is not None:
+        state = load_trainer_state(ckpt)
+        trainer.load(ckpt, state)
+        loader.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        if rank0:
+            print(f"resuming from {ckpt} (step {trainer.step})")
+    logger = RunLogger(run_dir, tensorboard=cfg.tensorboard, append=ckpt is not None) if rank0 else None
+    p = mesh.parallel
+    layout = {"pp": p.pp, "dp": p.dp, "ep": p.ep, "virtual_stages": p.virtual_stages,
+              "microbatches": trainer.pipe_mb, "world_size": p.world_size}  # fmt: skip
+    if logger and ckpt is None:
+        logger.log({"kind": "config", "config": _config_dict(cfg), "model": model_cfg.to_hf_dict(),
+                    "layout": layout, **facts})  # fmt: skip
+
+    def save() -> Path:
+        extra = dict(data=loader.state_dict(), rng=get_rng_state(), config=_config_dict(cfg))
+        return trainer.save(run_dir, tokenizer, extra, keep=cfg.keep_checkpoints)
+
+    last = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
+    bar = tqdm(
+        total=last, initial=trainer.step, disable=not (cfg.progress and rank0), desc="train", unit="step"
+    )
+    last_saved, record, t_start, tok_start = ckpt, None, time.perf_counter(), trainer.tokens
+    try:
+        while trainer.step < last:
+            try:
+                record = trainer.train_step(loader.batches(cfg.grad_accum))
+            except TrainingDiverged as e:
+                where = (
+                    f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
+                )
+                raise TrainingDiverged(f"{e}; stopping the run ({where}).") from None
+            if logger:
+                logger.log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            s = trainer.step
+            if eval_batches and (s % cfg.eval_every == 0 or s == cfg.steps):
+                loss = trainer.evaluate(eval_batches)
+                if logger:
+                    logger.log({"kind": "eval", "step": s, "tokens": trainer.tokens, "loss": loss})
+            if s % cfg.save_every == 0 or s == last:
+                last_saved = save()
+    finally:
+        bar.close()
+        if logger:
+            logger.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {
+        "rank": mesh.rank,
+        "layout": layout,
+        "run_dir": str(run_dir),
+        "checkpoint": str(last_saved) if last_saved else None,
+        "curves": None,
+        "steps": trainer.step,
+        "tokens": trainer.tokens,
+        "train_loss": record["loss"] if record else None,
+        "eval_loss": None,
+        "tokens_per_s": (trainer.tokens - tok_start) / elapsed if elapsed > 0 else 0.0,
+        "seconds": elapsed,
+    }
+    if rank0:
+        metrics = read_metrics(run_dir)
+        title = f"{cfg.preset} / {cfg.optimizer} on {cfg.corpus} (pp {p.pp}, dp {p.dp}, ep {p.ep})"
+        summary["curves"] = str(plot_run(metrics, run_dir / "curves.png", title=title))
+        evals = [m for m in metrics if m.get("kind") == "eval"]
+        summary["eval_loss"] = evals[-1]["loss"] if evals else None
+    return summary
