@@ -25,10 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from openk2.model.layers import swiglu
+from openk2.model.layers import RMSNorm, swiglu
 from openk2.model.mla import MLA
 from openk2.model.moe import MoE
-from openk2.model.rope import apply_rotary
 from openk2.model.transformer import Transformer
 from openk2.serve.cache import LatentCache
 
@@ -52,6 +51,11 @@ class AbsorbedMLA:
     def refresh(self) -> None:
         a = self.attn
         h, r, nope, rope, v = a.n_heads, a.kv_lora_rank, a.nope_dim, a.rope_dim, a.v_dim
+        # Both down-projections of x ([q_a ; kv_a]) as one matmul.
+        downs = [a.kv_a_proj_with_mqa] if a.q_lora_rank is None else [a.q_a_proj, a.kv_a_proj_with_mqa]
+        self.w_down = torch.cat([m.weight for m in downs])
+        self.b_down = torch.cat([m.bias for m in downs]) if downs[0].bias is not None else None
+        self.splits = [r, rope] if a.q_lora_rank is None else [a.q_lora_rank, r, rope]
         w_q = a.q_proj.weight if a.q_lora_rank is None else a.q_b_proj.weight
         dtype = w_q.dtype
         w_uk, w_uv = (w.float() for w in a.absorbed_weights())  # (H, nope, r), (H, v, r)
@@ -63,37 +67,59 @@ class AbsorbedMLA:
             w_o = a.o_proj.weight.float().view(-1, h, v)
             self.w_o = torch.einsum("dhv,hvr->dhr", w_o, w_uv).reshape(-1, h * r).to(dtype)
         else:
+            self.w_q = w_q
             self.w_uk = w_uk.to(dtype)  # (H, nope, r)
             self.w_uv = w_uv.transpose(1, 2).contiguous().to(dtype)  # (H, r, v)
 
-    def attend(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor, bias: torch.Tensor
-    ) -> torch.Tensor:
-        """x (B, S, D) against cache rows (B, T, r + rope) that already hold x's entries; bias from
-        `attention_bias` (0 = may attend, -inf = may not)."""
+    def project(self, x: torch.Tensor, cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, D) -> queries (B, S * H, r + rope) for `attend`, and x's cache entries
+        [RMSNorm(c_kv) ; rope(k_rope)] (B, S, r + rope). cis: rotations (B or 1, S, 1, rope/2)."""
         a = self.attn
         b, s, _ = x.shape
-        h, r = a.n_heads, a.kv_lora_rank
-        cq = a.q_a_layernorm(a.q_a_proj(x)) if a.q_lora_rank is not None else x
+        h, r, rope = a.n_heads, a.kv_lora_rank, a.rope_dim
+        down = F.linear(x, self.w_down, self.b_down).split(self.splits, dim=-1)
+        cq = rms_norm(a.q_a_layernorm, down[0]) if a.q_lora_rank is not None else x
+        c_kv, k_rope = down[-2:]
         if self.fold:
-            q = F.linear(cq, self.w_q).view(b, s, h, r + a.rope_dim)
-            q_latent, q_rope = q.split([r, a.rope_dim], dim=-1)
-            scale = 1.0
+            q = F.linear(cq, self.w_q).view(b, s, h, r + rope)
+            q_latent, q_rope = q[..., :r], q[..., r:]
         else:
-            w = a.q_proj.weight if a.q_lora_rank is None else a.q_b_proj.weight
-            q = F.linear(cq, w).view(b * s, h, a.qk_dim).transpose(0, 1)
-            q_nope, q_rope = q.split([a.nope_dim, a.rope_dim], dim=-1)
-            q_latent = torch.bmm(q_nope, self.w_uk).transpose(0, 1).view(b, s, h, r)
-            q_rope = q_rope.transpose(0, 1).view(b, s, h, a.rope_dim)
-            scale = a.softmax_scale
-        q = torch.cat((q_latent, apply_rotary(q_rope, cos, sin)), dim=-1).view(b, s * h, -1)
+            q = F.linear(cq, self.w_q).view(b * s, h, a.qk_dim).transpose(0, 1)
+            q_latent = torch.bmm(q[..., : a.nope_dim], self.w_uk).transpose(0, 1).view(b, s, h, r)
+            q_rope = q[..., a.nope_dim :].transpose(0, 1).view(b, s, h, rope)
+        # the queries' and the shared key's rope dims rotate together, as h + 1 heads
+        rotated = rotate(torch.cat((q_rope, k_rope.unsqueeze(2)), dim=2), cis)
+        entry = torch.cat((rms_norm(a.kv_a_layernorm, c_kv), rotated[:, :, h]), dim=-1)
+        return torch.cat((q_latent, rotated[:, :, :h]), dim=-1).view(b, s * h, r + rope), entry
+
+    def attend(self, q: torch.Tensor, cache: torch.Tensor, bias: torch.Tensor, s: int) -> torch.Tensor:
+        """Queries from `project` (B, S * H, r + rope) against cache rows (B, T, r + rope) that already
+        hold the new entries; bias from `attention_bias` (0 = may attend, -inf = may not)."""
+        a = self.attn
+        b, h, r = q.shape[0], a.n_heads, a.kv_lora_rank
+        scale = 1.0 if self.fold else a.softmax_scale  # folded into w_q
         scores = torch.baddbmm(bias, q, cache.transpose(1, 2), alpha=scale)  # (B, S*H, T)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(x.dtype)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         o = torch.bmm(probs, cache[..., :r])  # (B, S*H, r): the attention-weighted latent
         if self.fold:
             return F.linear(o.view(b, s, h * r), self.w_o, a.o_proj.bias)
         o = torch.bmm(o.view(b * s, h, r).transpose(0, 1), self.w_uv)  # (H, B*S, v)
         return a.o_proj(o.transpose(0, 1).reshape(b, s, h * a.v_dim))
+
+
+def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm as one kernel when nothing needs casting (float32)."""
+    if x.dtype != torch.float32:
+        return norm(x)
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
+def rotate(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary` as one complex multiply: interleaved pairs of x (..., rope) times cos + i sin.
+    The pairs come back in place (interleaved), not de-interleaved as the model writes them; q and
+    k are permuted alike either way, and only this module reads the cache it writes."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * cis).flatten(-2).to(x.dtype)
 
 
 def attention_bias(allowed: torch.Tensor, heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -119,8 +145,10 @@ def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     if flat.shape[0] == 1:
         routed = None
         for e, w in zip(ids[0].tolist(), weights[0].tolist()):
-            y = swiglu(flat @ ex.gate_proj[e].T, flat @ ex.up_proj[e].T) @ ex.down_proj[e].T
-            routed = y * w if routed is None else routed + y * w
+            y = F.linear(
+                swiglu(F.linear(flat, ex.gate_proj[e]), F.linear(flat, ex.up_proj[e])), ex.down_proj[e]
+            )
+            routed = y.mul_(w) if routed is None else routed.add_(y, alpha=w)
     else:  # (token, expert) pairs sorted by expert: one matmul per expert that was chosen
         k = ids.shape[1]
         order = ids.flatten().argsort(stable=True)
@@ -151,8 +179,9 @@ class CachedForward:
         self.heads = model.config.num_attention_heads
         p = model.lm_head.weight
         self.device, self.dtype = p.device, p.dtype
-        # cos/sin for every cache position, looked up instead of recomputed each step
-        self.cos, self.sin = model.rotary(torch.arange(cache.max_seq_len, device=self.device))
+        # rotations (cos + i sin) for every cache position, looked up instead of recomputed each step
+        cos, sin = model.rotary(torch.arange(cache.max_seq_len, device=self.device))
+        self.cis = torch.complex(cos, sin)
         self._rows = torch.arange(cache.slots, device=self.device) * cache.max_seq_len
 
     def refresh(self) -> None:
@@ -160,13 +189,12 @@ class CachedForward:
         for a in self.attn:
             a.refresh()
 
-    def _block(self, layer: int, x, cos, sin, write, cache_of, bias) -> torch.Tensor:
-        blk = self.blocks[layer]
-        h = blk.input_layernorm(x)
-        entry = blk.self_attn.compress(h, cos, sin)
+    def _block(self, layer: int, x, cis, write, cache_of, bias) -> torch.Tensor:
+        blk, attn = self.blocks[layer], self.attn[layer]
+        q, entry = attn.project(rms_norm(blk.input_layernorm, x), cis)
         write(layer, entry)
-        x = x + self.attn[layer].attend(h, cos, sin, cache_of(layer, entry), bias)
-        y = blk.post_attention_layernorm(x)
+        x = x + attn.attend(q, cache_of(layer, entry), bias, x.shape[1])
+        y = rms_norm(blk.post_attention_layernorm, x)
         return x + (moe_forward(blk.mlp, y) if isinstance(blk.mlp, MoE) else blk.mlp(y))
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -179,7 +207,7 @@ class CachedForward:
         pos = torch.arange(t, device=self.device)
         allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lengths[:, None, None])
         bias = attention_bias(allowed, self.heads, self.dtype)
-        cos, sin = self.cos[:t], self.sin[:t]
+        cis = self.cis[:t].unsqueeze(-2)  # (T, 1, rope/2)
 
         def write(layer: int, entry: torch.Tensor) -> None:
             if contiguous:
@@ -189,9 +217,9 @@ class CachedForward:
 
         x = self.model.embed_tokens(ids)
         for layer in range(len(self.blocks)):
-            x = self._block(layer, x, cos, sin, write, lambda _, entry: entry, bias)
+            x = self._block(layer, x, cis, write, lambda _, entry: entry, bias)
         last = x[torch.arange(b, device=self.device), lengths - 1]
-        return self.model.lm_head(self.model.norm(last))
+        return self.model.lm_head(rms_norm(self.model.norm, last))
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
         """One new token per sequence in cache slots 0..n-1: tokens (n,) at positions pos (n,), the
@@ -201,7 +229,7 @@ class CachedForward:
         rows = self._rows[:n] + pos  # each new entry's row in the flattened (slot, position) axis
         allowed = torch.arange(length, device=self.device)[None, None, :] <= pos[:, None, None]
         bias = attention_bias(allowed, self.heads, self.dtype)
-        cos, sin = self.cos[pos].unsqueeze(1), self.sin[pos].unsqueeze(1)  # (n, 1, rope/2)
+        cis = self.cis[pos][:, None, None]  # (n, 1, 1, rope/2)
         kv = self.cache.kv
 
         def write(layer: int, entry: torch.Tensor) -> None:
@@ -209,5 +237,5 @@ class CachedForward:
 
         x = self.model.embed_tokens(tokens.unsqueeze(1))
         for layer in range(len(self.blocks)):
-            x = self._block(layer, x, cos, sin, write, lambda i, _: kv[i, :n, :length], bias)
-        return self.model.lm_head(self.model.norm(x[:, 0]))
+            x = self._block(layer, x, cis, write, lambda i, _: kv[i, :n, :length], bias)
+        return self.model.lm_head(rms_norm(self.model.norm, x[:, 0]))
