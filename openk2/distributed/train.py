@@ -85,10 +85,12 @@ def resolve_layout(parallel: ParallelConfig, world: int | None = None) -> Parall
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(p, name)}")
     if p.dp < 0 or p.microbatches < 0:
         raise ValueError("--dp and --microbatches must be >= 0 (0: automatic)")
+    if p.dp == 0 and world == 1:
+        p.dp = 1
     if p.dp == 0:
         if world % (p.pp * p.ep):
             raise ValueError(f"{world} processes cannot be split into pp={p.pp} x ep={p.ep} x dp")
-        p.dp = max(world // (p.pp * p.ep), 1)
+        p.dp = world // (p.pp * p.ep)
     if world == 1 and p.world_size > 1:
         raise ValueError(
             f"--pp {p.pp} --dp {p.dp} --ep {p.ep} needs {p.world_size} processes: launch with "
