@@ -9,13 +9,14 @@ of equal-length prompts, which a real server with staggered arrivals could not d
 
 The machine this was written on is shared (load average ~5-10 on 2 cores), so every repeat runs
 transformers, ours and ours without W_uk/W_uv folding back to back, and the table reports medians
-over repeats, with the load average before and after. One thread by default: with more threads
-than free cores, OpenMP's spinning workers make timings 10x slower and 10x noisier.
+over repeats, with the load average before and after. Run it with OMP_NUM_THREADS=1: with more
+OpenMP threads than free cores, spinning workers make timings several times slower and noisier
+(`torch.set_num_threads(1)` after start-up was not enough here; the environment variable is).
 
 A second table times the MoE decode strategies the engine chose between (see openk2/serve/forward.py)
 on one MoE layer of the same model, interleaved the same way.
 
-    python benchmarks/bench_serve.py [--new-tokens 64 --prompt-len 64 --repeats 5 --threads 1]
+    OMP_NUM_THREADS=1 python benchmarks/bench_serve.py [--new-tokens 64 --prompt-len 64 --repeats 5]
 """
 
 from __future__ import annotations
@@ -131,11 +132,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--concurrent", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians are reported")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both sides")
     args = ap.parse_args()
     from transformers import DeepseekV3ForCausalLM
 
-    torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     torch.manual_seed(0)
     config = ModelConfig.from_preset("small")
@@ -180,7 +179,8 @@ def main() -> None:
     hf_bytes = hf_cache_bytes_per_token(hf, batch[:1])
     latent = config.num_hidden_layers * config.kv_cache_dim * 4
     print(
-        f"small preset, fp32, torch threads={torch.get_num_threads()}, prompt {args.prompt_len}, "
+        f"small preset, fp32, torch threads={torch.get_num_threads()} "
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), prompt {args.prompt_len}, "
         f"{n} new tokens, greedy, medians of {args.repeats} interleaved repeats"
     )
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1 min)")

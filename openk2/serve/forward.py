@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from openk2.model.layers import RMSNorm, swiglu
+from openk2.model.layers import MLP, RMSNorm, swiglu
 from openk2.model.mla import MLA
 from openk2.model.moe import MoE
 from openk2.model.transformer import Transformer
@@ -99,7 +99,10 @@ class AbsorbedMLA:
         b, h, r = q.shape[0], a.n_heads, a.kv_lora_rank
         scale = 1.0 if self.fold else a.softmax_scale  # folded into w_q
         scores = torch.baddbmm(bias, q, cache.transpose(1, 2), alpha=scale)  # (B, S*H, T)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if scores.dtype == torch.float32:
+            probs = scores.softmax(dim=-1)
+        else:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         o = torch.bmm(probs, cache[..., :r])  # (B, S*H, r): the attention-weighted latent
         if self.fold:
             return F.linear(o.view(b, s, h * r), self.w_o, a.o_proj.bias)
@@ -140,7 +143,7 @@ def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         return moe(x)
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    weights, ids, _ = moe.gate(flat)
+    weights, ids = route(moe, flat)
     ex = moe.experts
     if flat.shape[0] == 1:
         routed = None
@@ -164,8 +167,29 @@ def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         routed = torch.zeros_like(flat).index_add_(0, token, y)
     out = routed.view(shape)
     if moe.shared_experts is not None:
-        out = out + moe.shared_experts(x)
+        out = out + mlp(moe.shared_experts, x)
     return out
+
+
+def route(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Gate.forward` without what only training needs (the scores, the float copies of float32
+    tensors, the detach); group-limited routing goes to the gate itself."""
+    gate = moe.gate
+    if gate.n_group > 1 or x.dtype != torch.float32:
+        return gate(x)[:2]
+    scores = F.linear(x, gate.weight).sigmoid_()
+    ids = (scores + gate.e_score_correction_bias).topk(gate.top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if gate.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * gate.scaling, ids
+
+
+def mlp(m: MLP, x: torch.Tensor) -> torch.Tensor:
+    """`MLP.forward` without the four module calls."""
+    return F.linear(
+        swiglu(F.linear(x, m.gate_proj.weight), F.linear(x, m.up_proj.weight)), m.down_proj.weight
+    )
 
 
 class CachedForward:
@@ -195,7 +219,7 @@ class CachedForward:
         write(layer, entry)
         x = x + attn.attend(q, cache_of(layer, entry), bias, x.shape[1])
         y = rms_norm(blk.post_attention_layernorm, x)
-        return x + (moe_forward(blk.mlp, y) if isinstance(blk.mlp, MoE) else blk.mlp(y))
+        return x + (moe_forward(blk.mlp, y) if isinstance(blk.mlp, MoE) else mlp(blk.mlp, y))
 
     def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """ids (B, T) right-padded prompts of `lengths`, written to cache `slots` -> logits (B, V) of
