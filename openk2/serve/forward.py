@@ -12,10 +12,15 @@ step and by weight reads, not by FLOPs. So, next to the model's modules:
   it removes four kernels per layer); for K2's shapes it would triple them, so there W_uk and W_uv
   stay separate batched matmuls and the weights stay as they are.
 * MoE decode: one token loops over its k experts with the indices on the host (no sort, no
-  scatter); more tokens are sorted by expert, one matmul per chosen expert. Measured against
+  scatter); more tokens take the model's path (sorted by expert, one matmul per expert). Against
   gathering the chosen experts' weights for a bmm (a copy of k weight matrices per token) and
   against a dense pass over all experts, the loop won at 1 and at 16 tokens on CPU (numbers in
   docs/serving.md).
+* Fewer kernels per layer: q_a and kv_a as one matmul, the queries' and the key's rope dims rotated
+  together as one complex multiply, RMSNorm as one kernel in float32, routing without the float
+  copies and the scores only training needs, MLPs without module dispatch. (torch.compile of the
+  decode step was tried: a minute of compilation, graph breaks at the host-side expert ids, and no
+  faster than this in steady state on CPU.)
 
 `refresh()` recomputes the absorbed weights; the engine calls it after `load_weights`.
 """
@@ -136,9 +141,9 @@ def attention_bias(allowed: torch.Tensor, heads: int, dtype: torch.dtype) -> tor
 
 
 def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """The MoE block for inference: a host-side loop over the chosen experts for a single token;
-    for more, the (token, expert) pairs sorted by expert and one matmul per chosen expert. Unlike
-    the training path it indexes only the experts that were chosen (no unbind of all of them)."""
+    """The MoE block for inference: a host-side loop over the chosen experts for a single token; for
+    more, the model's grouped path (which is as fast as indexing only the chosen experts when most
+    of them are chosen, as with 16 tokens on 16 experts)."""
     if moe.dispatcher is not None:
         return moe(x)
     shape = x.shape
@@ -152,19 +157,8 @@ def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
                 swiglu(F.linear(flat, ex.gate_proj[e]), F.linear(flat, ex.up_proj[e])), ex.down_proj[e]
             )
             routed = y.mul_(w) if routed is None else routed.add_(y, alpha=w)
-    else:  # (token, expert) pairs sorted by expert: one matmul per expert that was chosen
-        k = ids.shape[1]
-        order = ids.flatten().argsort(stable=True)
-        token = order // k
-        xs = flat[token]
-        outs, start = [], 0
-        for e, count in enumerate(torch.bincount(ids.flatten(), minlength=moe.n_experts).tolist()):
-            if count:
-                xe = xs[start : start + count]
-                outs.append(swiglu(xe @ ex.gate_proj[e].T, xe @ ex.up_proj[e].T) @ ex.down_proj[e].T)
-                start += count
-        y = torch.cat(outs) * weights.flatten()[order].unsqueeze(-1).to(flat.dtype)
-        routed = torch.zeros_like(flat).index_add_(0, token, y)
+    else:  # the model's path: (token, expert) pairs sorted by expert, one matmul per expert
+        routed = moe.routed_local(flat, weights, ids, torch.bincount(ids.flatten(), minlength=moe.n_experts))
     out = routed.view(shape)
     if moe.shared_experts is not None:
         out = out + mlp(moe.shared_experts, x)
