@@ -36,6 +36,7 @@ needs pp = 1.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import asdict
@@ -228,7 +229,7 @@ class DistributedTrainer:
             "aux_loss": aux_value,
             "lr": self.base_lrs[0] * scale,
             "grad_norm": grad_norm,
-            "max_logit": float(maxes[0]) if logits or self.mesh.parallel.pp > 1 else float("nan"),
+            "max_logit": float(maxes[0]) if math.isfinite(maxes[0]) else float("nan"),  # -inf: none recorded
             "heads_clipped": clipped,
             "imbalance": float(maxes[1]),
             "step_time": dt,
@@ -279,9 +280,6 @@ class DistributedTrainer:
         return total / max(count, 1)
 
     # ------------------------------------------------------------------ checkpoints (single-process format)
-    def _single_process_optimizer(self, model: Transformer) -> torch.optim.Optimizer:
-        return build_optimizer(model, self.cfg)
-
     def save(self, run_dir: Path, tokenizer, extra: dict, keep: int) -> Path:
         """Write `pretrain`'s checkpoint (HF layout + trainer_state.pt) from rank 0. Collective."""
         mesh = self.mesh
@@ -300,7 +298,7 @@ class DistributedTrainer:
             full.to_empty(device="cpu")
             full.load_state_dict(model_sd)
             full.rotary.reset_parameters(self.config)
-            opt = self._single_process_optimizer(full)
+            opt = build_optimizer(full, self.cfg)  # the one-process optimizer
             named = dict(full.named_parameters())
             adamw = isinstance(opt, torch.optim.AdamW)
             for name, state in optim.items():
@@ -318,7 +316,7 @@ class DistributedTrainer:
         """Load a `pretrain` checkpoint (written under any layout, or by one process) into this rank's
         share: weights, routing biases, optimizer state, step and token counts."""
         full = Transformer.from_pretrained(ckpt, dtype=self.params[0].dtype)
-        opt = self._single_process_optimizer(full)
+        opt = build_optimizer(full, self.cfg)  # the one-process optimizer
         opt.load_state_dict(state["optimizer"])
         optim = {}
         for name, p in full.named_parameters():
