@@ -57,6 +57,15 @@ def test_batched_equals_one_at_a_time(engine):
     assert a.completions[0].token_ids != b.completions[0].token_ids
 
 
+def test_n_copies_in_scattered_slots_match_plain_forward(engine):
+    """Two requests with n=2 admitted together: their prompts are prefilled once each into slots 0
+    and 2 (not contiguous) and copied to 1 and 3; every copy decodes like the plain forward."""
+    ps = prompts(engine.tokenizer)[2:4]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, n=2)
+    for p, out in zip(ps, engine.generate(ps, params)):
+        assert [c.token_ids for c in out.completions] == [plain_greedy(engine.model, p, 8)] * 2
+
+
 def test_unfolded_absorbed_path_matches_plain_forward(engine):
     """The path large models take (W_uk / W_uv as separate batched matmuls, not folded)."""
     eng = Engine(engine.model, engine.tokenizer, max_batch=4, max_seq_len=256)

@@ -7,9 +7,9 @@ One loop, one thread owns the model and the cache. Each `step()`:
   3. runs one decode step for every running sequence: one new token each, whatever its length;
   4. retires finished sequences (stop token, stop string, max_tokens, abort), which frees their slots.
 
-The cached forward is written out here rather than in the model: per block it is
-`compress` -> write the cache rows -> `forward_latent` against the slot's rows -> MLP, i.e. the model's
-own modules on the absorbed path. Requests come in from any thread (`submit`, `abort`), results go out
+The cached forward (forward.py) runs the model's weights against the latent cache, pre-absorbed for
+inference: per block, project -> write the cache rows -> attend to the slot's rows -> MLP / MoE.
+Requests come in from any thread (`submit`, `abort`), results go out
 through callbacks; `generate` is the synchronous batch API (RL rollouts, data synthesis) and `stream`
 the asyncio one (the HTTP server).
 """
