@@ -177,7 +177,8 @@ class EngineBackend:
             max_tokens=min(request.max_tokens, budget),
             temperature=request.temperature,
             seed=request.seed,
-            skip_special_tokens=False,  # keep the tool-call markers for the parser
+            # the tool-call markers reach the parser; any other special token stays out of the text
+            keep_special_token_ids=self.tokenizer.tool_call_marker_ids if request.tools else [],
         )
         try:
             (out,) = await asyncio.to_thread(self.engine.generate, [ids], params)

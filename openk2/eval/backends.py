@@ -369,12 +369,12 @@ class LocalBackend:
             max_tokens=req.max_tokens,
             temperature=req.temperature,
             seed=req.seed,
-            skip_special_tokens=False,  # the tool-call markers must reach the parser
         )
         if isinstance(req, CompletionRequest):
             params.stop = list(req.stop)
             return params
-        params.skip_special_tokens = tools is None  # as the server: markers only matter with tools
+        if tools:  # as the server: the parser needs the markers, other special tokens stay out
+            params.keep_special_token_ids = self.tokenizer.tool_call_marker_ids
         if tool_choice == "none" and tools:
             params.banned_token_ids = [
                 self.tokenizer.tool_calls_section_begin_id,

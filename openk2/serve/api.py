@@ -160,13 +160,6 @@ def create_app(
     grammar): the reply is whatever it wrote, tool calls or not, which is how an evaluation measures
     a model's unaided tool-call conformance through the server."""
     tokenizer = engine.tokenizer
-    tool_markers = [
-        tokenizer.tool_calls_section_begin_id,
-        tokenizer.tool_calls_section_end_id,
-        tokenizer.tool_call_begin_id,
-        tokenizer.tool_call_argument_begin_id,
-        tokenizer.tool_call_end_id,
-    ]
     grammars = engine.grammars  # built once here, not on the first constrained request
 
     @asynccontextmanager
@@ -321,7 +314,7 @@ def create_app(
         if params.top_logprobs and not params.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         if tools is not None:  # the parser needs the markers; any other special token stays out
-            params.keep_special_token_ids = tool_markers
+            params.keep_special_token_ids = tokenizer.tool_call_marker_ids
         try:
             if choice == "none" and tools:
                 params.banned_token_ids = [

@@ -302,6 +302,18 @@ class K2Tokenizer:
     def is_special(self, token_id: int) -> bool:
         return token_id >= self.n_base
 
+    @property
+    def tool_call_marker_ids(self) -> list[int]:
+        """The five tool-call markers: the only special tokens a reply's text keeps when tools are
+        offered (the tool-call parser reads them; any other special token is dropped)."""
+        return [
+            self.tool_calls_section_begin_id,
+            self.tool_calls_section_end_id,
+            self.tool_call_begin_id,
+            self.tool_call_argument_begin_id,
+            self.tool_call_end_id,
+        ]
+
     def __len__(self) -> int:
         return self.vocab_size
 
