@@ -79,7 +79,9 @@ class ExpertParallel:
         received = AllToAll.apply(rows, send, recv, self.group)  # (R, D), source-major
         local_id = torch.arange(n_local).repeat(self.ep).repeat_interleave(recv_counts.flatten())
         by_expert = local_id.argsort(stable=True)
-        y = moe.experts(received[by_expert], recv_counts.sum(0).tolist())
+        # A rank whose experts received no rows must still take part in both backward all-to-alls:
+        # keep its (empty) output attached to `received` instead of a fresh, graph-less zeros tensor.
+        y = moe.experts(received[by_expert], recv_counts.sum(0).tolist()) if len(received) else received
         y = y[by_expert.argsort()]  # back to source-major order
         y = AllToAll.apply(y, recv, send, self.group)  # (T*k, D), sorted by global expert id
 
