@@ -29,10 +29,12 @@ def load_tokenizer(checkpoint: str | Path, vocab_size: int) -> K2Tokenizer:
 def load_engine(checkpoint: str, max_batch: int, max_seq_len: int | None, dtype: str | None):
     from openk2.model.transformer import Transformer
     from openk2.serve.engine import Engine
+    from openk2.train.checkpoint import resolve_checkpoint
 
-    path = Path(checkpoint)
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"error: {checkpoint} is not a checkpoint directory (no config.json)")
+    try:  # a checkpoint directory, or a run directory (its latest checkpoint)
+        path = resolve_checkpoint(checkpoint)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
     torch_dtype = getattr(torch, dtype) if dtype else None
     model = Transformer.from_pretrained(path, dtype=torch_dtype)
     tokenizer = load_tokenizer(path, model.config.vocab_size)
@@ -40,7 +42,7 @@ def load_engine(checkpoint: str, max_batch: int, max_seq_len: int | None, dtype:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="directory with config.json, safetensors and tokenizer files")
+    parser.add_argument("checkpoint", help="checkpoint directory, or run directory (its latest checkpoint)")
     parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (cache slots)")
     parser.add_argument(
         "--max-seq-len", type=int, default=None, help="tokens per cache slot (prompt + output)"
