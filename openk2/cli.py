@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # Once a model is confident, the softmax of rare tokens underflows toward denormal floats, which
+    # x86 CPUs process far slower than normal ones. Flushing them is a process-wide setting, so the
+    # command sets it, not the library (it would leak into whatever else the process runs).
+    import torch
+
+    torch.set_flush_denormal(True)
     result = _load(args.command).run(args)
     return int(result or 0)
 

@@ -112,7 +112,6 @@ class DistributedTrainer:
         self.config = model.config
         self.step = 0
         self.tokens = 0
-        torch.set_flush_denormal(True)  # as Trainer: rare-token softmax underflow is slow on x86
         if cfg.aux_loss_alpha is not None:
             for m in model.modules():
                 if hasattr(m, "aux_loss_alpha"):

@@ -148,9 +148,6 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.model.record_stats(True)  # max logits (QK-Clip, logs) and the sequence aux loss
-        # Once the model is confident, the softmax of rare tokens underflows toward denormal floats,
-        # which x86 CPUs process far slower than normal ones; flush them to zero.
-        torch.set_flush_denormal(True)
         if cfg.aux_loss_alpha is not None:
             for m in model.modules():
                 if hasattr(m, "aux_loss_alpha"):

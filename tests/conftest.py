@@ -1,0 +1,14 @@
+"""Test-session settings.
+
+One torch thread per process: the tests' models are tiny, several tests start servers or torchrun
+workers beside the pytest process, and two processes each running 2 OpenMP threads on 2 cores spin
+on each other's descheduled threads (small matmuls then take milliseconds instead of microseconds).
+Subprocesses inherit the environment variable."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
