@@ -69,6 +69,10 @@ def plot_run(metrics: list[dict], out: str | os.PathLike, title: str = "") -> Pa
     if train and "imbalance" in train[0]:
         axes[2].plot([m["tokens"] for m in train], [m["imbalance"] for m in train], lw=1)
     axes[2].set(xlabel="tokens", ylabel="max / mean expert load", title="expert-load imbalance")
+    from matplotlib.ticker import EngFormatter
+
+    for ax in axes:  # 100k, 1M, ... instead of run-together raw token counts
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
     if title:
         fig.suptitle(title)
     fig.tight_layout()
