@@ -20,7 +20,7 @@ from eval_util import save_tiny_checkpoint
 
 from openk2.eval.backends import ChatRequest, LocalBackend
 from openk2.eval.harness import ResultStore
-from openk2.eval.toolcall_conformance import ConformanceConfig, check_call, load_cases, run
+from openk2.eval.toolcall_conformance import check_call, load_cases
 
 FORCED = ["required", "named", "none"]  # the cases where tool_choice decides (+ "none": must not call)
 MAX_TOKENS = 2048  # enough for the longest argument object the suite's bounded schemas allow
@@ -82,8 +82,8 @@ def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     raise RuntimeError("openk2 serve did not come up")
 
 
-@pytest.mark.slow
-def test_conformance_against_own_server_constrained_on_and_off(ckpt, tmp_path):
+def _serve_and_run_conformance(ckpt, out_dir, name: str, *serve_args: str, max_tokens: int) -> dict:
+    """Start the real `openk2 serve` on ckpt, run `openk2 eval toolcall` against it, return the result."""
     from serve_util import free_port
 
     port = free_port()
@@ -99,20 +99,14 @@ def test_conformance_against_own_server_constrained_on_and_off(ckpt, tmp_path):
         "--log-level",
         "warning",
     ]
-    proc = subprocess.Popen(serve, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*serve, *serve_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     url = f"http://127.0.0.1:{port}/v1"
     try:
         _wait_for(url, proc)
         cmd = [sys.executable, "-m", "openk2.cli", "eval", "toolcall", "--endpoint", url, "--only", *FORCED]
-        cmd += [
-            "--max-tokens",
-            str(MAX_TOKENS),
-            "--out",
-            str(tmp_path),
-            "--name",
-            "own-server",
-            "--no-progress",
-        ]
+        cmd += ["--max-tokens", str(max_tokens), "--out", str(out_dir), "--name", name, "--no-progress"]
         cmd += ["--timeout", "300", "--batch-size", "16"]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stderr
@@ -123,7 +117,12 @@ def test_conformance_against_own_server_constrained_on_and_off(ckpt, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    on = json.loads((tmp_path / "toolcall-own-server.json").read_text())
+    return json.loads((out_dir / f"toolcall-{name}.json").read_text())
+
+
+@pytest.mark.slow
+def test_conformance_against_own_server_constrained_on_and_off(ckpt, tmp_path):
+    on = _serve_and_run_conformance(ckpt, tmp_path, "own-server", max_tokens=MAX_TOKENS)
     m = on["metrics"]
     print("constrained (own server):", json.dumps({k: v for k, v in m.items() if k != "trigger_confusion"}))
     assert m["errors"] == 0 and m["forced_calls"] >= 13
@@ -131,19 +130,13 @@ def test_conformance_against_own_server_constrained_on_and_off(ckpt, tmp_path):
     assert m["tool_choice_compliance"] == 1.0 and m["truncated_responses"] == 0
     assert m["stream_agreement"] == 1.0
 
-    # Off: the same engine and cases with the grammar switched off. The server has no switch for this,
-    # so it runs in-process; the figure is whatever the model does (a random model: no calls).
-    backend = LocalBackend(ckpt, max_batch=16, constrained=False)
-    cfg = ConformanceConfig(max_tokens=256, only=FORCED)
-    off = run(
-        backend,
-        cfg,
-        ResultStore(tmp_path, "toolcall", "local-unconstrained", {}),
-        batch_size=16,
-        progress=False,
+    # Off: the same server with `--no-constrained-tools`; the figure is whatever the model does
+    # (a random model: no calls, so tool_choice is not complied with).
+    off = _serve_and_run_conformance(
+        ckpt, tmp_path, "own-server-unconstrained", "--no-constrained-tools", max_tokens=256
     )
     m = off["metrics"]
-    print("unconstrained (local):", json.dumps({k: v for k, v in m.items() if k != "trigger_confusion"}))
+    print("unconstrained (own server):", json.dumps({k: v for k, v in m.items() if k != "trigger_confusion"}))
     assert m["errors"] == 0 and m["cases"] == on["metrics"]["cases"]
     assert m["tool_choice_compliance"] < 1.0  # nothing forces the model any more
     assert m["calls"] == 0 or m["schema_accuracy"] is not None  # reported, not assumed
