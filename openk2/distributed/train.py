@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from openk2.config import ModelConfig
 from openk2.distributed import checkpoint as dckpt
@@ -72,6 +71,7 @@ from openk2.train.loop import (
     build_optimizer,
     causal_lm_loss,
     prepare_data,
+    run_steps,
 )
 from openk2.train.memory import activation_context, apply_memory_options
 from openk2.train.schedule import Schedule
@@ -373,36 +373,9 @@ def _run(cfg: TrainConfig, mesh: Mesh, resume: bool) -> dict:
         extra = dict(data=loader.state_dict(), rng=get_rng_state(), config=_config_dict(cfg))
         return trainer.save(run_dir, tokenizer, extra, keep=cfg.keep_checkpoints)
 
-    last = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
-    bar = tqdm(
-        total=last, initial=trainer.step, disable=not (cfg.progress and rank0), desc="train", unit="step"
-    )
-    last_saved, record, t_start, tok_start = ckpt, None, time.perf_counter(), trainer.tokens
-    try:
-        while trainer.step < last:
-            try:
-                record = trainer.train_step(loader.batches(cfg.grad_accum))
-            except TrainingDiverged as e:
-                where = (
-                    f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
-                )
-                raise TrainingDiverged(f"{e}; stopping the run ({where}).") from None
-            if logger:
-                logger.log(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            s = trainer.step
-            if eval_batches and (s % cfg.eval_every == 0 or s == cfg.steps):
-                loss = trainer.evaluate(eval_batches)
-                if logger:
-                    logger.log({"kind": "eval", "step": s, "tokens": trainer.tokens, "loss": loss})
-            if s % cfg.save_every == 0 or s == last:
-                last_saved = save()
-    finally:
-        bar.close()
-        if logger:
-            logger.close()
-    elapsed = time.perf_counter() - t_start
+    tok_start = trainer.tokens
+    progress = cfg.progress and rank0
+    last_saved, record, elapsed = run_steps(trainer, loader, eval_batches, cfg, logger, save, ckpt, progress)
     summary = {
         "rank": mesh.rank,
         "layout": layout,

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from openk2.distributed.mesh import ParallelConfig
 from openk2.optim import MuonClip, load_imbalance, update_routing_bias_
@@ -311,11 +312,44 @@ def prepare_data(cfg: TrainConfig, vocab_size: int):
     return tokenizer, loader, eval_batches, facts
 
 
+def run_steps(trainer, loader, eval_batches, cfg: TrainConfig, logger, save, last_saved, progress: bool):
+    """The step loop of both `pretrain` paths (one process and torchrun): train, log, evaluate and save
+    on the configured cadence; a divergence stops the run naming the last good checkpoint. `logger` is
+    None on ranks that do not log. Returns (last checkpoint, last train record, seconds)."""
+    last = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
+    bar = tqdm(total=last, initial=trainer.step, disable=not progress, desc="train", unit="step")
+    record, t_start = None, time.perf_counter()
+    try:
+        while trainer.step < last:
+            try:
+                record = trainer.train_step(loader.batches(cfg.grad_accum))
+            except TrainingDiverged as e:
+                where = (
+                    f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
+                )
+                raise TrainingDiverged(f"{e}; stopping the run ({where}).") from None
+            if logger:
+                logger.log(record)
+            bar.update(1)
+            shown = {"loss": ".3f", "tokens_per_s": ".0f", "max_logit": ".1f", "imbalance": ".2f"}
+            bar.set_postfix({k: format(record[k], f) for k, f in shown.items() if k in record})
+            s = trainer.step
+            if eval_batches and (s % cfg.eval_every == 0 or s == cfg.steps):
+                loss = trainer.evaluate(eval_batches)  # every rank takes part under torchrun
+                if logger:
+                    logger.log({"kind": "eval", "step": s, "tokens": trainer.tokens, "loss": loss})
+            if s % cfg.save_every == 0 or s == last:
+                last_saved = save()
+    finally:
+        bar.close()
+        if logger:
+            logger.close()
+    return last_saved, record, time.perf_counter() - t_start
+
+
 def pretrain(cfg: TrainConfig, resume: bool = True) -> dict:
     """Train `cfg.preset` on `cfg.corpus`; resumes from the run's latest checkpoint when there is one.
     Returns a summary (final losses, tokens/s, paths). Raises TrainingDiverged on NaN/inf."""
-    from tqdm import tqdm
-
     from openk2.config import ModelConfig
     from openk2.model.transformer import Transformer
     from openk2.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
@@ -360,36 +394,10 @@ def pretrain(cfg: TrainConfig, resume: bool = True) -> dict:
         state.update(data=loader.state_dict(), rng=get_rng_state(), config=_config_dict(cfg))
         return save_checkpoint(run_dir, trainer.step, model, tokenizer, state, keep=cfg.keep_checkpoints)
 
-    last = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
-    bar = tqdm(total=last, initial=trainer.step, disable=not cfg.progress, desc="train", unit="step")
-    last_saved, record, t_start, tok_start = ckpt, None, time.perf_counter(), trainer.tokens
-    try:
-        while trainer.step < last:
-            try:
-                record = trainer.train_step(loader.batches(cfg.grad_accum))
-            except TrainingDiverged as e:
-                where = (
-                    f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
-                )
-                raise TrainingDiverged(f"{e}; stopping the run ({where}).") from None
-            logger.log(record)
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{record['loss']:.3f}",
-                tok_s=f"{record['tokens_per_s']:.0f}",
-                max_logit=f"{record['max_logit']:.1f}",
-                imbalance=f"{record['imbalance']:.2f}",
-            )
-            s = trainer.step
-            if eval_batches and (s % cfg.eval_every == 0 or s == cfg.steps):
-                logger.log({"kind": "eval", "step": s, "tokens": trainer.tokens,
-                            "loss": trainer.evaluate(eval_batches)})  # fmt: skip
-            if s % cfg.save_every == 0 or s == last:
-                last_saved = save()
-    finally:
-        bar.close()
-        logger.close()
-    elapsed = time.perf_counter() - t_start
+    tok_start = trainer.tokens
+    last_saved, record, elapsed = run_steps(
+        trainer, loader, eval_batches, cfg, logger, save, ckpt, cfg.progress
+    )
     metrics = read_metrics(run_dir)
     png = plot_run(metrics, run_dir / "curves.png", title=f"{cfg.preset} / {cfg.optimizer} on {cfg.corpus}")
     evals = [m for m in metrics if m.get("kind") == "eval"]
