@@ -1,6 +1,6 @@
 """Worked example: SFT warm-up, then RL with the K1.5 loss, on multi-digit addition, on CPU.
 
-    python experiments/rl_worked_example.py            # ~15 min on 2 CPU cores (see docs/rl.md)
+    python experiments/rl_worked_example.py            # ~71 s on 2 idle CPU cores (see docs/rl.md)
 
 1. A small dense K2-architecture model (MLA, byte-level tokenizer) is trained from scratch with a short
    SFT warm-up on `a+b=` (1-2 digit operands, chat template, loss on the assistant tokens only). It
