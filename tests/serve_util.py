@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import httpx
 import torch
@@ -65,3 +70,35 @@ class LiveServer:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@contextlib.contextmanager
+def serve_process(checkpoint, *args: str, seconds: float = 120) -> Iterator[str]:
+    """`openk2 serve CHECKPOINT ARGS` as a real subprocess on a free loopback port; yields the base URL
+    (`http://127.0.0.1:PORT/v1`) once /health answers, and stops the server afterwards."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "openk2.cli", "serve", str(checkpoint), "--port", str(port)]
+    cmd += ["--log-level", "warning", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + seconds
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"openk2 serve exited: {proc.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("openk2 serve did not come up")
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 from eval_util import save_tiny_checkpoint
+from serve_util import serve_process
 
 from openk2.eval.backends import ChatRequest, LocalBackend
 from openk2.eval.harness import ResultStore
@@ -68,55 +66,15 @@ def test_local_backend_runs_gym_and_humaneval(ckpt, tmp_path):
     assert result["metrics"]["pass@1"] == 0.0 and result["metrics"]["backend_errors"] == 0
 
 
-def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"openk2 serve exited: {proc.stderr.read() if proc.stderr else ''}")
-        try:
-            if httpx.get(url + "/models", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("openk2 serve did not come up")
-
-
 def _serve_and_run_conformance(ckpt, out_dir, name: str, *serve_args: str, max_tokens: int) -> dict:
     """Start the real `openk2 serve` on ckpt, run `openk2 eval toolcall` against it, return the result."""
-    from serve_util import free_port
-
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    serve = [
-        sys.executable,
-        "-m",
-        "openk2.cli",
-        "serve",
-        str(ckpt),
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
-    proc = subprocess.Popen(
-        [*serve, *serve_args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        _wait_for(url, proc)
+    with serve_process(ckpt, *serve_args) as url:
         cmd = [sys.executable, "-m", "openk2.cli", "eval", "toolcall", "--endpoint", url, "--only", *FORCED]
         cmd += ["--max-tokens", str(max_tokens), "--out", str(out_dir), "--name", name, "--no-progress"]
         cmd += ["--timeout", "300", "--batch-size", "16"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, out.stderr
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     return json.loads((out_dir / f"toolcall-{name}.json").read_text())
 
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import httpx
@@ -13,7 +10,7 @@ import jsonschema
 import openai
 import pytest
 import torch
-from serve_util import MODEL, LiveServer, free_port, tiny_engine, tiny_model
+from serve_util import MODEL, LiveServer, serve_process, tiny_engine, tiny_model
 
 from openk2.tokenizer.chat import encode_chat
 
@@ -324,25 +321,9 @@ def test_api_key():
 def test_openk2_serve_cli(tmp_path):
     """`openk2 serve CHECKPOINT` in a real subprocess, loading a saved checkpoint."""
     tiny_model(seed=0, max_positions=512).save_pretrained(tmp_path / "ckpt")
-    port = free_port()
-    cmd = [sys.executable, "-m", "openk2.cli", "serve", str(tmp_path / "ckpt"), "--port", str(port)]
-    cmd += ["--served-model-name", MODEL, "--max-batch", "2", "--log-level", "warning"]
-    cmd += ["--no-constrained-tools"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+    args = ["--served-model-name", MODEL, "--max-batch", "2", "--no-constrained-tools"]
+    with serve_process(tmp_path / "ckpt", *args, seconds=60) as url:
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
         r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, temperature=0)
         assert r.usage.completion_tokens == 4 or r.choices[0].finish_reason == "stop"
-        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["constrained_tools"] is False
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        assert httpx.get(url.removesuffix("/v1") + "/health").json()["constrained_tools"] is False

@@ -5,26 +5,18 @@ that every stage talks to a real OpenAI-compatible server and that rejection is 
 
 import dataclasses
 import json
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 import torch
+from serve_util import serve_process
 
 from openk2.config import ModelConfig
 from openk2.model.transformer import Transformer
 from openk2.tokenizer.tokenizer import K2Tokenizer
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,37 +29,8 @@ def server(tmp_path_factory):
     )
     Transformer(cfg).save_pretrained(ckpt)
     K2Tokenizer.byte_level().save_pretrained(ckpt)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "openk2.cli",
-            "serve",
-            str(ckpt),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--served-model-name",
-            "openk2",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(300):
-        try:
-            if httpx.get(url + "/models", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("openk2 serve did not start: " + proc.stderr.read().decode()[-2000:])
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    with serve_process(ckpt, "--served-model-name", "openk2") as url:
+        yield url
 
 
 def _synth(*args) -> subprocess.CompletedProcess:
