@@ -214,3 +214,28 @@ def test_load_weights_syncs_a_new_model(engine):
     assert seconds >= 0 and after == plain_greedy(engine.model, p, 16) and before != after
     with pytest.raises(ValueError, match="missing"):
         eng.load_weights({"norm.weight": torch.ones(64)})
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager(engine):
+    """`compile=True`: the torch.compile'd decode step gives the eager engine's tokens, greedy and
+    seeded, alone (the single-sequence graph) and batched with mixed lengths (the batch graph),
+    from a one-token prompt up; and after `load_weights` it decodes with the new weights (the graphs
+    read the weights at every call, they did not bake them in)."""
+    fast = Engine(
+        tiny_model(seed=1, max_positions=256), engine.tokenizer, max_batch=4, max_seq_len=256, compile=True
+    )
+    assert fast.forward.compiled and fast.forward._warm
+    fast.load_weights(engine.model)
+    ps = prompts(engine.tokenizer)  # includes the one-token prompt "a"
+    sampled = SamplingParams(max_tokens=12, temperature=0.8, top_k=40, seed=3, ignore_eos=True)
+    for params in (GREEDY, sampled):
+        want = [o.completions[0].token_ids for o in engine.generate(ps, params)]
+        assert [o.completions[0].token_ids for o in fast.generate(ps, params)] == want
+        assert fast.generate([ps[1]], params)[0].completions[0].token_ids == want[1]
+    # the compiled step's logits agree with the eager ones closely, not just in their argmax
+    with torch.inference_mode():
+        tokens, pos = torch.tensor([5, 6, 7]), torch.tensor([3, 9, 4])
+        eager = CachedForward(engine.model, fast.cache)
+        logits = fast.forward.decode(tokens, pos, 10)
+        torch.testing.assert_close(logits, eager.decode(tokens, pos, 10), atol=1e-4, rtol=1e-4)

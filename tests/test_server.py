@@ -327,3 +327,29 @@ def test_openk2_serve_cli(tmp_path):
         r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, temperature=0)
         assert r.usage.completion_tokens == 4 or r.choices[0].finish_reason == "stop"
         assert httpx.get(url.removesuffix("/v1") + "/health").json()["constrained_tools"] is False
+
+
+@pytest.mark.slow
+def test_openk2_serve_compile_cli(tmp_path):
+    """`openk2 serve --compile`: the decode step is compiled before the server answers /health, and
+    the streamed reply of the compiled server is the eager engine's greedy continuation."""
+    from openk2.serve.engine import Engine
+    from openk2.serve.sampling import SamplingParams
+    from openk2.tokenizer.tokenizer import K2Tokenizer
+
+    model = tiny_model(seed=0, max_positions=512)
+    model.save_pretrained(tmp_path / "ckpt")
+    tok = K2Tokenizer.byte_level()
+    prompt = "The latent cache holds"
+    eager = Engine(model, tok, max_batch=2, max_seq_len=512)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    want = eager.generate([tok.encode(prompt)], greedy)[0].completions[0].text
+    args = ["--served-model-name", MODEL, "--max-batch", "2", "--compile"]
+    with serve_process(tmp_path / "ckpt", *args, seconds=300) as url:
+        client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
+        kw = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        whole = client.completions.create(**kw).choices[0].text
+        streamed = "".join(
+            c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices
+        )
+    assert whole == streamed == want

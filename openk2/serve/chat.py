@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    engine = load_engine(args.checkpoint, 1, args.max_seq_len, args.dtype)
+    engine = load_engine(args.checkpoint, 1, args.max_seq_len, args.dtype, args.compile)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict] = list(system)
     print("openk2 chat: /reset clears the conversation, /exit quits.", flush=True)

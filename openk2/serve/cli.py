@@ -26,7 +26,9 @@ def load_tokenizer(checkpoint: str | Path, vocab_size: int) -> K2Tokenizer:
     )
 
 
-def load_engine(checkpoint: str, max_batch: int, max_seq_len: int | None, dtype: str | None):
+def load_engine(
+    checkpoint: str, max_batch: int, max_seq_len: int | None, dtype: str | None, compile: bool = False
+):
     from openk2.model.transformer import Transformer
     from openk2.serve.engine import Engine
     from openk2.train.checkpoint import resolve_checkpoint
@@ -38,7 +40,7 @@ def load_engine(checkpoint: str, max_batch: int, max_seq_len: int | None, dtype:
     torch_dtype = getattr(torch, dtype) if dtype else None
     model = Transformer.from_pretrained(path, dtype=torch_dtype)
     tokenizer = load_tokenizer(path, model.config.vocab_size)
-    return Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
+    return Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, compile=compile)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +50,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-seq-len", type=int, default=None, help="tokens per cache slot (prompt + output)"
     )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the decode step through torch.compile (needs a C++ compiler on CPU; ~1 min at the "
+        "first start, seconds later): about 2x faster decoding on CPU",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from openk2.serve.api import create_app
 
     logging.basicConfig(level=args.log_level.upper())
-    engine = load_engine(args.checkpoint, args.max_batch, args.max_seq_len, args.dtype)
+    engine = load_engine(args.checkpoint, args.max_batch, args.max_seq_len, args.dtype, args.compile)
     name = args.served_model_name or Path(args.checkpoint).resolve().name
     app = create_app(engine, name, api_key=args.api_key, constrained_tools=not args.no_constrained_tools)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({engine.stats()})", flush=True)

@@ -148,6 +148,7 @@ class Engine:
         max_seq_len: int | None = None,
         max_queue: int = 1024,
         max_prefill_tokens: int = 8192,
+        compile: bool = False,
     ):
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
@@ -176,7 +177,14 @@ class Engine:
         self._pending: dict[str, _Request] = {}  # not yet retired, by id
         self._rng = torch.Generator(device=self.device)  # noise for unseeded sampling
         self._rng.seed()
-        self.forward = CachedForward(model, self.cache)
+        self.forward = CachedForward(model, self.cache, compile=compile)
+        if compile:
+            # compile before the first request, not during it (about a minute on a laptop CPU the first
+            # time; inductor's on-disk cache makes later starts take seconds)
+            log.info("compiling the decode step with torch.compile")
+            t0 = time.perf_counter()
+            self.forward.warm_up()
+            log.info("decode step compiled in %.1f s", time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -232,9 +240,17 @@ class Engine:
             self._aborts.add(request_id)
             self._cv.notify()
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Run prompts to completion, batched; blocks. Works with or without the background thread."""
-        reqs = [self._submit(p, params, None, None) for p in prompts]
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run prompts to completion, batched; blocks. Works with or without the background thread.
+        params: one for all prompts, or one per prompt."""
+        if isinstance(params, list):
+            if len(params) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+            reqs = [self._submit(p, sp, None, None) for p, sp in zip(prompts, params)]
+        else:
+            reqs = [self._submit(p, params, None, None) for p in prompts]
         if self._thread is not None:
             for r in reqs:
                 r.done.wait()
