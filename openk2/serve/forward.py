@@ -125,16 +125,15 @@ class AbsorbedMLA:
     def attend_new(self, q: torch.Tensor, entry: torch.Tensor, old: torch.Tensor, bias: torch.Tensor):
         """One new token per sequence: queries (B, H, r + rope) against the rows written before this
         step, old (B, T, r + rope) with bias (B, 1, T), and against the token's own entry (B, r + rope),
-        which is not in the cache yet; one softmax over both."""
+        which is not in the cache yet: its score is one more column of the same softmax."""
         r = self.attn.kv_lora_rank
         scale = 1.0 if self.fold else self.attn.softmax_scale
-        scores_old = torch.baddbmm(bias, q, old.transpose(1, 2), alpha=scale).float()  # (B, H, T)
-        score_new = (q * entry.unsqueeze(1)).sum(-1, keepdim=True).float() * scale  # (B, H, 1)
-        top = torch.maximum(scores_old.amax(-1, keepdim=True), score_new)
-        p_old, p_new = (scores_old - top).exp(), (score_new - top).exp()
-        total = p_old.sum(-1, keepdim=True) + p_new
-        o = torch.bmm((p_old / total).to(q.dtype), old[..., :r])
-        return self.output(o + (p_new / total).to(q.dtype) * entry[:, None, :r], 1)
+        own = torch.bmm(q, entry.unsqueeze(-1))  # (B, H, 1)
+        scores = torch.cat((torch.baddbmm(bias, q, old.transpose(1, 2), alpha=scale), own * scale), dim=-1)
+        probs = scores.softmax(-1) if q.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32)
+        probs = probs.to(q.dtype)
+        o = torch.baddbmm(probs[..., -1:] * entry[:, None, :r], probs[..., :-1], old[..., :r])
+        return self.output(o, 1)
 
     def output(self, o: torch.Tensor, s: int) -> torch.Tensor:
         """Attention-weighted latents (B, S * H, r) -> the block's output (B, S, D)."""
@@ -156,9 +155,12 @@ def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`apply_rotary` with the pairs left in place: interleaved pairs (a, b) of x (..., rope) become
     (a cos - b sin, a sin + b cos), not de-interleaved as the model writes them; q and k are permuted
-    alike either way, and only this module reads the cache it writes. Real arithmetic, not a complex
-    multiply, because inductor does not generate code for complex tensors."""
+    alike either way, and only this module reads the cache it writes. Eager: one complex multiply (two
+    kernels); under torch.compile, real arithmetic (inductor does not generate code for complex)."""
     pairs = x.float().unflatten(-1, (-1, 2))
+    if not torch.compiler.is_compiling():
+        rotated = torch.view_as_complex(pairs) * torch.complex(cos, sin)
+        return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
     a, b = pairs[..., 0], pairs[..., 1]
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
 
