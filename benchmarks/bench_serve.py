@@ -127,15 +127,61 @@ def moe_table(model: Transformer, repeats: int) -> list[tuple[int, dict[str, flo
     return rows
 
 
+def mixed_workload(k: int, seed: int = 3) -> tuple[list[list[int]], list[int]]:
+    """k requests as a server sees them: prompts of 8-120 tokens, 16-96 new tokens each."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(8, 121, (k,), generator=g).tolist()
+    new = torch.randint(16, 97, (k,), generator=g).tolist()
+    return [torch.randint(0, 7936, (n,), generator=g).tolist() for n in lengths], new
+
+
+def hf_padded_batch(model, prompts: list[list[int]], new: list[int]) -> float:
+    """One left-padded batch run to the longest request's length (what `generate` can do with
+    concurrent requests that arrive together); seconds."""
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=max(new),
+            min_new_tokens=max(new),
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return time.perf_counter() - t0
+
+
+def hf_one_at_a_time(model, prompts: list[list[int]], new: list[int]) -> float:
+    """Each request alone, in arrival order (a server calling `generate` per request); seconds."""
+    return sum(hf_generate(model, torch.tensor([p]), n) for p, n in zip(prompts, new))
+
+
+def ours_mixed(engine: Engine, prompts: list[list[int]], new: list[int]) -> float:
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in new]
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    seconds = time.perf_counter() - t0
+    assert [len(o.completions[0].token_ids) for o in outs] == new
+    return seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--concurrent", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians are reported")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd engine")
     args = ap.parse_args()
     from transformers import DeepseekV3ForCausalLM
 
+    torch.set_flush_denormal(True)  # as `openk2 serve` does (random weights make denormals)
     load_before = os.getloadavg()
     torch.manual_seed(0)
     config = ModelConfig.from_preset("small")
@@ -147,65 +193,105 @@ def main() -> None:
         model = Transformer.from_pretrained(f"{tmp}/ckpt", dtype=torch.float32)
         hf = DeepseekV3ForCausalLM.from_pretrained(f"{tmp}/hf", dtype=torch.float32).eval()
     tok = K2Tokenizer.default()
-    engine = Engine(model, tok, max_batch=args.concurrent, max_seq_len=512)
-    unfolded = Engine(model, tok, max_batch=args.concurrent, max_seq_len=512)
+    k, n = args.concurrent, args.new_tokens
+    engines = {"openk2 eager": Engine(model, tok, max_batch=k, max_seq_len=512)}
+    unfolded = Engine(model, tok, max_batch=k, max_seq_len=512)
     unfolded.forward = CachedForward(model, unfolded.cache, fold=False)
+    engines["openk2 eager, W_uk/W_uv unfolded"] = unfolded
+    compile_seconds = None
+    if not args.no_compile:
+        t0 = time.perf_counter()
+        engines["openk2 compiled"] = Engine(model, tok, max_batch=k, max_seq_len=512, compile=True)
+        compile_seconds = time.perf_counter() - t0
     g = torch.Generator().manual_seed(1)
-    batch = torch.randint(0, 7936, (args.concurrent, args.prompt_len), generator=g)
-    n, k = args.new_tokens, args.concurrent
+    batch = torch.randint(0, 7936, (k, args.prompt_len), generator=g)
 
     # Same model in both? Greedy continuations must agree before any timing means anything.
     with torch.no_grad():
         theirs = hf.generate(batch[:2], max_new_tokens=8, min_new_tokens=8, do_sample=False)
-    mine = engine.generate(batch[:2].tolist(), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
-    agree = theirs[:, args.prompt_len :].tolist() == [o.completions[0].token_ids for o in mine]
-    for e in (engine, unfolded):
+    agree = {}
+    for name, e in engines.items():
+        mine = e.generate(batch[:2].tolist(), SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        agree[name] = theirs[:, args.prompt_len :].tolist() == [o.completions[0].token_ids for o in mine]
         ours(e, batch[:2].tolist(), 4)  # warm-up
     hf_generate(hf, batch[:2], 2)
-    runs: dict[tuple[int, str], list[tuple[float, float]]] = {}
 
     def hf_run(prompts: torch.Tensor) -> tuple[float, float]:
         first = hf_generate(hf, prompts, 1)
         return len(prompts) * (n - 1) / (hf_generate(hf, prompts, n) - first), first
 
+    mixed_prompts, mixed_new = mixed_workload(k)
+    mixed_sides = {
+        "transformers, one padded batch": lambda: hf_padded_batch(hf, mixed_prompts, mixed_new),
+        "transformers, one request at a time": lambda: hf_one_at_a_time(hf, mixed_prompts, mixed_new),
+    }
+    for name, e in engines.items():
+        mixed_sides[name] = lambda e=e: ours_mixed(e, mixed_prompts, mixed_new)
+    runs: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    mixed: dict[str, list[float]] = {}
     for r in range(args.repeats):
         for size in (1, k):
             prompts = batch[:size]
-            sides = [
-                ("hf", lambda p=prompts: hf_run(p)),
-                ("ours", lambda p=prompts: ours(engine, p.tolist(), n)),
-                ("unfolded", lambda p=prompts: ours(unfolded, p.tolist(), n)),
-            ]
+            sides = [("transformers generate", lambda p=prompts: hf_run(p))]
+            sides += [(name, lambda p=prompts, e=e: ours(e, p.tolist(), n)) for name, e in engines.items()]
             for who, fn in sides if r % 2 == 0 else sides[::-1]:  # alternate who goes first
                 runs.setdefault((size, who), []).append(fn())
+        items = list(mixed_sides.items())
+        for who, fn in items if r % 2 == 0 else items[::-1]:
+            mixed.setdefault(who, []).append(fn())
     moe_rows = moe_table(model, args.repeats)
     load_after = os.getloadavg()
-
-    def med(size: int, who: str, i: int) -> float:
-        return statistics.median(r[i] for r in runs[(size, who)])
 
     hf_bytes = hf_cache_bytes_per_token(hf, batch[:1])
     latent = config.num_hidden_layers * config.kv_cache_dim * 4
     print(
         f"small preset, fp32, torch threads={torch.get_num_threads()} "
-        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), prompt {args.prompt_len}, "
-        f"{n} new tokens, greedy, medians of {args.repeats} interleaved repeats"
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), greedy, "
+        f"medians of {args.repeats} interleaved repeats"
     )
     print(f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f} (1 min)")
+    if compile_seconds is not None:
+        print(f"torch.compile of the decode step (engine start-up): {compile_seconds:.1f} s")
     print(f"greedy tokens identical to transformers: {agree}")
-    header = ["requests", "HF tok/s", "ours tok/s", "ratio", "unfolded", "HF TTFT ms", "ours TTFT ms"]
-    print(" | ".join(f"{h:>12}" for h in header))
-    for size in (1, k):
-        hf_tps, our_tps = med(size, "hf", 0), med(size, "ours", 0)
-        # the ratio of each repeat (ours and transformers ran back to back), then its median
-        ratio = statistics.median(o[0] / h[0] for o, h in zip(runs[(size, "ours")], runs[(size, "hf")]))
-        cells = [f"{size}", f"{hf_tps:.1f}", f"{our_tps:.1f}", f"{ratio:.2f}x"]
-        cells += [f"{med(size, 'unfolded', 0):.1f}"]
-        cells += [f"{med(size, 'hf', 1) * 1e3:.1f}", f"{med(size, 'ours', 1) * 1e3:.1f}"]
-        print(" | ".join(f"{c:>12}" for c in cells))
     print(
-        f"cache bytes/token: ours {engine.cache.bytes_per_token} (latent size {latent}), "
-        f"transformers {hf_bytes:.0f} ({hf_bytes / engine.cache.bytes_per_token:.1f}x ours)"
+        f"\nDecode, prompt {args.prompt_len}, {n} new tokens each; "
+        "transformers: one batch of equal-length prompts"
+    )
+    header = ["requests", "implementation", "decode tok/s", "vs transformers", "TTFT ms"]
+    widths = [8, 34, 12, 15, 8]
+    print(" | ".join(f"{h:>{w}}" for h, w in zip(header, widths)))
+    for size in (1, k):
+        hf_runs = runs[(size, "transformers generate")]
+        for who in ["transformers generate", *engines]:
+            mine = runs[(size, who)]
+            # the ratio of each repeat (both ran back to back), then its median
+            ratio = statistics.median(o[0] / h[0] for o, h in zip(mine, hf_runs))
+            cells = [
+                f"{size}",
+                who,
+                f"{statistics.median(m[0] for m in mine):.1f}",
+                f"{ratio:.2f}x",
+                f"{statistics.median(m[1] for m in mine) * 1e3:.1f}",
+            ]
+            print(" | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    useful = sum(mixed_new)
+    print(
+        f"\n{k} concurrent requests submitted together, prompts {min(map(len, mixed_prompts))}-"
+        f"{max(map(len, mixed_prompts))} tokens, {min(mixed_new)}-{max(mixed_new)} new tokens each "
+        f"({useful} in all); wall time includes prefill"
+    )
+    base = {w: mixed[w] for w in ("transformers, one padded batch", "transformers, one request at a time")}
+    header = ["implementation", "wall s", "tok/s", "vs padded batch", "vs one at a time"]
+    widths = [36, 7, 8, 15, 16]
+    print(" | ".join(f"{h:>{w}}" for h, w in zip(header, widths)))
+    for who, secs in mixed.items():
+        ratios = [statistics.median(b / s for s, b in zip(secs, bs)) for bs in base.values()]
+        wall = statistics.median(secs)
+        cells = [who, f"{wall:.2f}", f"{useful / wall:.1f}", *(f"{x:.2f}x" for x in ratios)]
+        print(" | ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    print(
+        f"\ncache bytes/token: ours {engines['openk2 eager'].cache.bytes_per_token} (latent size {latent}), "
+        f"transformers {hf_bytes:.0f} ({hf_bytes / engines['openk2 eager'].cache.bytes_per_token:.1f}x ours)"
     )
     print("\nMoE layer, microseconds per call (median):")
     names = list(moe_rows[0][1])
