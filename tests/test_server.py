@@ -326,7 +326,8 @@ def test_openk2_serve_cli(tmp_path):
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
         r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, temperature=0)
         assert r.usage.completion_tokens == 4 or r.choices[0].finish_reason == "stop"
-        assert httpx.get(url.removesuffix("/v1") + "/health").json()["constrained_tools"] is False
+        health = httpx.get(url.removesuffix("/v1") + "/health").json()
+        assert health["constrained_tools"] is False and health["compiled"] is False
 
 
 @pytest.mark.slow
@@ -346,6 +347,7 @@ def test_openk2_serve_compile_cli(tmp_path):
     want = eager.generate([tok.encode(prompt)], greedy)[0].completions[0].text
     args = ["--served-model-name", MODEL, "--max-batch", "2", "--compile"]
     with serve_process(tmp_path / "ckpt", *args, seconds=300) as url:
+        assert httpx.get(url.removesuffix("/v1") + "/health").json()["compiled"] is True
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
         kw = dict(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
         whole = client.completions.create(**kw).choices[0].text

@@ -323,6 +323,7 @@ class Engine:
             "max_seq_len": self.cache.max_seq_len,
             "cache_bytes": self.cache.total_bytes,
             "cache_bytes_per_token": self.cache.bytes_per_token,
+            "compiled": self.forward.compiled,
         }
 
     # ------------------------------------------------------------------ scheduling
