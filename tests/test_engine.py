@@ -239,3 +239,13 @@ def test_compiled_decode_matches_eager(engine):
         eager = CachedForward(engine.model, fast.cache)
         logits = fast.forward.decode(tokens, pos, 10)
         torch.testing.assert_close(logits, eager.decode(tokens, pos, 10), atol=1e-4, rtol=1e-4)
+
+
+def test_compile_without_a_cxx_compiler_fails_at_start_with_a_clear_error(engine):
+    """No working C++ compiler: the engine refuses to start (not a crash at the first request), and
+    says what to do. Inductor's on-disk cache is off so that the compiler is really needed."""
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/g++",), "fx_graph_cache": False}):
+        with pytest.raises(RuntimeError, match=r"InvalidCxxCompiler.*drop --compile"):
+            Engine(tiny_model(max_positions=64), engine.tokenizer, max_batch=2, max_seq_len=64, compile=True)

@@ -358,7 +358,8 @@ class CachedForward:
             if not self.compiled:
                 raise
             raise RuntimeError(
-                f"torch.compile of the decode step failed ({type(e).__name__}: {str(e)[:300]}); "
+                f"torch.compile of the decode step failed ({type(e).__name__}: "
+                f"{(str(e).strip().splitlines() or [''])[0][:300]}); "
                 "serve without compile (drop --compile), or install a C++ compiler"
             ) from e
         self._warm = self.compiled
