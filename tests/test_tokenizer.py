@@ -190,3 +190,13 @@ def test_every_overlong_run_is_found_wherever_it_sits():
             head = ("ab " * offset)[:offset] + edge
             assert _long_run_cuts(head + run + edge + "tail") == [len(head) + MAX_RUN_CHARS]
             assert _long_run_cuts(head + run[:MAX_RUN_CHARS] + edge + "tail") == []
+
+
+def test_load_by_name(tmp_path):
+    """The one name -> tokenizer mapping that `openk2 train`, `openk2 tokenizer` and RL configs use."""
+    for name in ("byte-level", "byte", "bytes"):
+        assert K2Tokenizer.load(name).vocab_size == K2Tokenizer.byte_level().vocab_size
+    default = K2Tokenizer.load("default")
+    assert default.vocab_size == K2Tokenizer.default().vocab_size
+    default.save_pretrained(tmp_path / "tok")
+    assert K2Tokenizer.load(str(tmp_path / "tok")).encode("MuonClip") == default.encode("MuonClip")

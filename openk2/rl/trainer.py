@@ -140,14 +140,6 @@ class RLConfig:
         )
 
 
-def load_tokenizer(name: str) -> K2Tokenizer:
-    if name == "byte":
-        return K2Tokenizer.byte_level()
-    if name == "default":
-        return K2Tokenizer.default()
-    return K2Tokenizer.from_pretrained(name)
-
-
 def build_model(name: str, overrides: dict) -> Transformer:
     if Path(name).is_dir():
         return Transformer.from_pretrained(name, dtype=torch.float32)
@@ -232,7 +224,7 @@ class RLTrainer:
         self.config = c = config.validate()
         torch.manual_seed(c.seed)
         self.rng = random.Random(c.seed)
-        self.tokenizer = tokenizer or load_tokenizer(c.tokenizer)
+        self.tokenizer = tokenizer or K2Tokenizer.load(c.tokenizer)
         self.model = model if model is not None else build_model(c.model, c.model_overrides)
         self.model.train()
         # The engine serves its own copy of the weights, as a colocated inference engine does;

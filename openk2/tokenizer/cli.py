@@ -37,14 +37,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--allow-special", action="store_true", help="turn special-token strings into ids")
 
 
-def _load(name: str) -> K2Tokenizer:
-    if name == "default":
-        return K2Tokenizer.default()
-    if name == "bytes":
-        return K2Tokenizer.byte_level()
-    return K2Tokenizer.from_pretrained(name)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.action == "train":
         if args.vocab_size < 256 + 256:
@@ -58,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0
-    tok = _load(args.tokenizer)
+    tok = K2Tokenizer.load(args.tokenizer)
     if args.action == "info":
         named = {s: i for s, i in tok.special_ids.items() if not s.startswith("<|reserved_token_")}
         print(json.dumps({"n_base": tok.n_base, "vocab_size": tok.vocab_size, "specials": named}, indent=2))

@@ -228,6 +228,16 @@ class K2Tokenizer:
 
         return cls({bytes([b]): b for b in range(256)}, chat_template=JINJA_TEMPLATE, name="k2-bytes")
 
+    @classmethod
+    def load(cls, name: str | Path) -> K2Tokenizer:
+        """By name, as the command lines and configs give it: 'default' (the `small` preset's),
+        'byte-level' (also spelled 'byte' or 'bytes': the `tiny` preset's), or a directory."""
+        if name == "default":
+            return cls.default()
+        if name in ("byte-level", "byte", "bytes"):
+            return cls.byte_level()
+        return cls.from_pretrained(name)
+
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write `tiktoken.model` and `tokenizer_config.json` (with the Jinja chat template)."""
         from openk2.tokenizer.chat import JINJA_TEMPLATE

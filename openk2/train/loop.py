@@ -272,12 +272,7 @@ def load_tokenizer(name: str, vocab_size: int):
 
     if name == "auto":
         name = "byte-level" if vocab_size <= 512 else "default"
-    if name == "default":
-        tok = K2Tokenizer.default()
-    elif name == "byte-level":
-        tok = K2Tokenizer.byte_level()
-    else:
-        tok = K2Tokenizer.from_pretrained(name)
+    tok = K2Tokenizer.load(name)
     if tok.vocab_size > vocab_size:
         raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model only {vocab_size}")
     return tok
