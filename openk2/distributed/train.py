@@ -66,12 +66,13 @@ from openk2.train.data import Batch
 from openk2.train.logging import RunLogger, plot_run, read_metrics
 from openk2.train.loop import (
     TrainConfig,
-    TrainingDiverged,
     _config_dict,
     build_optimizer,
     causal_lm_loss,
+    check_finite,
     prepare_data,
     run_steps,
+    train_record,
 )
 from openk2.train.memory import activation_context, apply_memory_options
 from openk2.train.schedule import Schedule
@@ -202,11 +203,7 @@ class DistributedTrainer:
         local_max = max((float(m.max()) for m in logits), default=float("-inf"))
         maxes = all_reduce_(torch.tensor([local_max, load_imbalance(counts)]), _world(), dist.ReduceOp.MAX)
         grad_norm = self.optimizer.reduce_grads()
-        if not torch.isfinite(torch.tensor([loss_value, grad_norm])).all():
-            raise TrainingDiverged(
-                f"step {self.step + 1}: loss {loss_value}, gradient norm {grad_norm}; "
-                "the update was not applied"
-            )
+        check_finite(self.step + 1, loss_value, grad_norm)
         coef = self.cfg.grad_clip / (grad_norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
         if coef < 1:
             self.optimizer.clip_grads_(coef)
@@ -219,21 +216,19 @@ class DistributedTrainer:
         clipped = int(all_reduce_(torch.tensor(clipped), _world())) // self.mesh.batch_size
         self.step += 1
         self.tokens += tokens
-        dt = time.perf_counter() - t0
-        return {
-            "kind": "train",
-            "step": self.step,
-            "tokens": self.tokens,
-            "loss": loss_value,
-            "aux_loss": aux_value,
-            "lr": self.base_lrs[0] * scale,
-            "grad_norm": grad_norm,
-            "max_logit": float(maxes[0]) if math.isfinite(maxes[0]) else float("nan"),  # -inf: none recorded
-            "heads_clipped": clipped,
-            "imbalance": float(maxes[1]),
-            "step_time": dt,
-            "tokens_per_s": tokens / dt,
-        }
+        return train_record(
+            step=self.step,
+            tokens=self.tokens,
+            loss=loss_value,
+            aux_loss=aux_value,
+            lr=self.base_lrs[0] * scale,
+            grad_norm=grad_norm,
+            max_logit=float(maxes[0]) if math.isfinite(maxes[0]) else float("nan"),  # -inf: none recorded
+            heads_clipped=clipped,
+            imbalance=float(maxes[1]),
+            step_tokens=tokens,
+            seconds=time.perf_counter() - t0,
+        )
 
     # ------------------------------------------------------------------ evaluation
     def _forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor | None:

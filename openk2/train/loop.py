@@ -44,6 +44,46 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became NaN/inf; the update was not applied."""
 
 
+def check_finite(step: int, loss: float, grad_norm: float) -> None:
+    """Raise TrainingDiverged for a NaN/inf loss or gradient norm, before the update is applied."""
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        raise TrainingDiverged(
+            f"step {step}: loss {loss}, gradient norm {grad_norm}; the update was not applied"
+        )
+
+
+def train_record(
+    *,
+    step: int,
+    tokens: int,
+    loss: float,
+    aux_loss: float,
+    lr: float,
+    grad_norm: float,
+    max_logit: float,
+    heads_clipped: int,
+    imbalance: float,
+    step_tokens: int,
+    seconds: float,
+) -> dict:
+    """The metrics record of one optimizer step, as the logger, the plots and the tests read it
+    (single-process and torchrun runs alike). tokens: seen so far; step_tokens: in this step."""
+    return {
+        "kind": "train",
+        "step": step,
+        "tokens": tokens,
+        "loss": loss,
+        "aux_loss": aux_loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "max_logit": max_logit,
+        "heads_clipped": heads_clipped,
+        "imbalance": imbalance,
+        "step_time": seconds,
+        "tokens_per_s": step_tokens / seconds,
+    }
+
+
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None):
     """Mean cross-entropy of logits (B, S, V) against targets (B, S), over positions where mask is
     nonzero (all when None). Computed in float32 whatever the logits' dtype."""
@@ -190,11 +230,7 @@ class Trainer:
         loss_value = float(loss_sum) / n
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
-        if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
-            raise TrainingDiverged(
-                f"step {self.step + 1}: loss {loss_value}, gradient norm {grad_norm}; "
-                "the update was not applied"
-            )
+        check_finite(self.step + 1, loss_value, grad_norm)
         if isinstance(self.optimizer, MuonClip):
             clipped = self.optimizer.step(max_logits=max_logits)
         else:
@@ -205,21 +241,19 @@ class Trainer:
         update_routing_bias_(self.model, counts, self.cfg.bias_update_rate)
         self.step += 1
         self.tokens += tokens
-        dt = time.perf_counter() - t0
-        return {
-            "kind": "train",
-            "step": self.step,
-            "tokens": self.tokens,
-            "loss": loss_value,
-            "aux_loss": aux_sum / n,
-            "lr": self.base_lrs[0] * scale,
-            "grad_norm": grad_norm,
-            "max_logit": max(float(m.max()) for m in max_logits.values()) if max_logits else float("nan"),
-            "heads_clipped": clipped,
-            "imbalance": load_imbalance(counts),
-            "step_time": dt,
-            "tokens_per_s": tokens / dt,
-        }
+        return train_record(
+            step=self.step,
+            tokens=self.tokens,
+            loss=loss_value,
+            aux_loss=aux_sum / n,
+            lr=self.base_lrs[0] * scale,
+            grad_norm=grad_norm,
+            max_logit=max(float(m.max()) for m in max_logits.values()) if max_logits else float("nan"),
+            heads_clipped=clipped,
+            imbalance=load_imbalance(counts),
+            step_tokens=tokens,
+            seconds=time.perf_counter() - t0,
+        )
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:
