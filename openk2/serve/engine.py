@@ -245,12 +245,11 @@ class Engine:
     ) -> list[RequestOutput]:
         """Run prompts to completion, batched; blocks. Works with or without the background thread.
         params: one for all prompts, or one per prompt."""
-        if isinstance(params, list):
-            if len(params) != len(prompts):
-                raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-            reqs = [self._submit(p, sp, None, None) for p, sp in zip(prompts, params)]
-        else:
-            reqs = [self._submit(p, params, None, None) for p in prompts]
+        if not isinstance(params, list):
+            params = [params] * len(prompts)
+        elif len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        reqs = [self._submit(p, sp, None, None) for p, sp in zip(prompts, params)]
         if self._thread is not None:
             for r in reqs:
                 r.done.wait()

@@ -115,11 +115,7 @@ class AbsorbedMLA:
         a = self.attn
         r = a.kv_lora_rank
         scale = 1.0 if self.fold else a.softmax_scale  # folded into w_q
-        scores = torch.baddbmm(bias, q, cache.transpose(1, 2), alpha=scale)  # (B, S*H, T)
-        if scores.dtype == torch.float32:
-            probs = scores.softmax(dim=-1)
-        else:
-            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = softmax(torch.baddbmm(bias, q, cache.transpose(1, 2), alpha=scale))  # (B, S*H, T)
         return self.output(torch.bmm(probs, cache[..., :r]), s)  # the attention-weighted latent
 
     def attend_new(self, q: torch.Tensor, entry: torch.Tensor, old: torch.Tensor, bias: torch.Tensor):
@@ -130,8 +126,7 @@ class AbsorbedMLA:
         scale = 1.0 if self.fold else self.attn.softmax_scale
         own = torch.bmm(q, entry.unsqueeze(-1))  # (B, H, 1)
         scores = torch.cat((torch.baddbmm(bias, q, old.transpose(1, 2), alpha=scale), own * scale), dim=-1)
-        probs = scores.softmax(-1) if q.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32)
-        probs = probs.to(q.dtype)
+        probs = softmax(scores)
         o = torch.baddbmm(probs[..., -1:] * entry[:, None, :r], probs[..., :-1], old[..., :r])
         return self.output(o, 1)
 
@@ -143,6 +138,13 @@ class AbsorbedMLA:
             return linear(o.reshape(b, s, h * r), self.w_o, a.o_proj.bias)
         o = torch.bmm(o.reshape(b * s, h, r).transpose(0, 1), self.w_uv)  # (H, B*S, v)
         return linear(o.transpose(0, 1).reshape(b, s, h * a.v_dim), a.o_proj.weight, a.o_proj.bias)
+
+
+def softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim, computed in float32 and returned in the scores' dtype."""
+    if scores.dtype == torch.float32:
+        return scores.softmax(dim=-1)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
 
 
 def rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -335,8 +337,7 @@ class CachedForward:
         """The decode step as a pure function: tokens (n,) at positions pos (n,), the cache rows written
         before (layers, n, T, r + rope), of which allowed (n, T) are each sequence's -> logits (n, V)
         and the new rows (layers, n, r + rope)."""
-        bias = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        bias = bias.masked_fill(~allowed, float("-inf")).unsqueeze(1)  # (n, 1, T), broadcast over heads
+        bias = attention_bias(allowed.unsqueeze(1), self.heads, self.dtype)  # (n, 1, T), for all heads
         cos, sin = self.cos[pos][:, None, None], self.sin[pos][:, None, None]  # (n, 1, 1, rope/2)
         x = self.model.embed_tokens(tokens.unsqueeze(1))  # (n, 1, D)
         entries = []
@@ -353,7 +354,8 @@ class CachedForward:
         try:
             for n in (1, 2) if self.cache.slots > 1 else (1,):
                 with torch.inference_mode():
-                    self.decode(torch.zeros(n, dtype=torch.long, device=self.device), torch.full((n,), 2), 3)
+                    tokens = torch.zeros(n, dtype=torch.long, device=self.device)
+                    self.decode(tokens, torch.full((n,), 2, device=self.device), 3)
         except Exception as e:  # no C++ compiler, an unsupported platform, ...
             if not self.compiled:
                 raise
