@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from openk2 import ModelConfig, Transformer  # noqa: E402
 from openk2.optim import MuonClip  # noqa: E402
+from openk2.optim.muon import resolve_ns_dtype  # noqa: E402
 
 
 def time_steps(opt, model, repeats: int, before=None) -> float:
@@ -55,14 +56,15 @@ def main() -> None:
     base = time_steps(adamw, model, args.repeats)
     rows.append(("torch AdamW (foreach)", base))
     for name, kw, hook in (
-        ("Muon, NS in bf16", dict(qk_clip_tau=None), None),
-        ("Muon, NS in fp32", dict(qk_clip_tau=None, ns_dtype=None), None),
-        ("MuonClip (bf16 NS + QK-Clip, heads clipped)", dict(qk_clip_tau=100.0), fake_logits),
+        ("Muon, NS in bf16", dict(qk_clip_tau=None, ns_dtype=torch.bfloat16), None),
+        ("Muon, NS in fp32", dict(qk_clip_tau=None, ns_dtype=torch.float32), None),
+        ("MuonClip (auto NS + QK-Clip, heads clipped)", dict(qk_clip_tau=100.0), fake_logits),
     ):
         opt = MuonClip(model, lr=1e-9, **kw)
         rows.append((name, time_steps(opt, model, args.repeats, hook)))
     print(f"{args.preset} preset, {n_params / 1e6:.1f}M parameters, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}")  # fmt: skip
+          f"torch threads {torch.get_num_threads()}; 'auto' Newton-Schulz precision here: "
+          f"{resolve_ns_dtype('auto', torch.device(args.device))}")  # fmt: skip
     print(f"{'optimizer':<46} {'ms/step':>10} {'vs AdamW':>10}")
     for name, t in rows:
         print(f"{name:<46} {t * 1e3:>10.1f} {t / base:>9.2f}x")

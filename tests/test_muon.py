@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from openk2 import ModelConfig, Transformer
 from openk2.optim import MuonClip, muon_update, newton_schulz, split_parameters
-from openk2.optim.muon import muon_scale
+from openk2.optim.muon import muon_scale, resolve_ns_dtype
 
 
 def tiny_model(seed: int = 0) -> Transformer:
@@ -188,3 +188,16 @@ def test_bad_arguments():
         MuonClip(model, lr=1e-3, momentum=1.0)
     with pytest.raises(ValueError, match="qk_clip_tau"):
         MuonClip(model, lr=1e-3, qk_clip_tau=-1)
+
+
+def test_newton_schulz_precision_follows_the_hardware():
+    """ "auto" (the default) is bf16, as K2, where matmuls run natively in bf16, and float32 on a CPU
+    without bf16 units, where an emulated bf16 matmul is many times slower than fp32."""
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert resolve_ns_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_ns_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_ns_dtype("float32", torch.device("cpu")) == torch.float32
+    assert resolve_ns_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
+    assert resolve_ns_dtype(None, torch.device("cpu")) is None
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    assert MuonClip(model).ns_dtype == resolve_ns_dtype("auto", torch.device("cpu"))

@@ -33,7 +33,13 @@ import torch.distributed as dist
 
 from openk2.distributed.mesh import COMM, all_gather, all_reduce_, group_size, reduce_scatter
 from openk2.distributed.parallelize import ParallelModel
-from openk2.optim.muon import ADAMW_MATRICES, momentum_direction, muon_scale, newton_schulz
+from openk2.optim.muon import (
+    ADAMW_MATRICES,
+    momentum_direction,
+    muon_scale,
+    newton_schulz,
+    resolve_ns_dtype,
+)
 from openk2.optim.qk_clip import qk_clip_
 
 
@@ -70,7 +76,7 @@ class DistributedMuon(torch.optim.Optimizer):
         nesterov: bool = True,
         qk_clip_tau: float | None = 100.0,
         ns_steps: int = 5,
-        ns_dtype: torch.dtype | None = torch.bfloat16,
+        ns_dtype: torch.dtype | str | None = "auto",
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_lr: float | None = None,
@@ -104,7 +110,7 @@ class DistributedMuon(torch.optim.Optimizer):
         )
         super().__init__([g for g in groups if g["params"]], defaults)
         self.qk_clip_tau = qk_clip_tau
-        self.ns_dtype = ns_dtype  # as MuonClip: bf16 like K2, None = the parameter's dtype
+        self.ns_dtype = resolve_ns_dtype(ns_dtype, next(iter(pm.parameters())).device)  # as MuonClip
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()

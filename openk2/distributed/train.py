@@ -123,7 +123,7 @@ class DistributedTrainer:
         tau = cfg.qk_clip_tau if cfg.optimizer == "muonclip" else None
         self.optimizer = DistributedMuon(
             self.pm, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, qk_clip_tau=tau,
-            adamw_only=cfg.optimizer == "adamw", ns_dtype=getattr(torch, cfg.ns_dtype),
+            adamw_only=cfg.optimizer == "adamw", ns_dtype=cfg.ns_dtype,
         )  # fmt: skip
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         self.params = self.pm.parameters()

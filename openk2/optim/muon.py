@@ -34,6 +34,20 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 UPDATE_RMS = 0.2
 
 
+def resolve_ns_dtype(ns_dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype | None:
+    """The Newton-Schulz precision to use on `device`. "auto": bf16, as K2, where matmuls run natively
+    in bf16 (a GPU, or a CPU with AMX or AVX512-BF16); float32 on other CPUs (an AVX2 laptop), where
+    a bf16 matmul is emulated and tens of times slower than fp32. A name ("bfloat16", "float32") or a
+    dtype is taken as given; None computes in the parameters' dtype."""
+    if ns_dtype != "auto":
+        return getattr(torch, ns_dtype) if isinstance(ns_dtype, str) else ns_dtype
+    if device.type != "cpu":
+        return torch.bfloat16
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence getattr
+    native = any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+    return torch.bfloat16 if native else torch.float32
+
+
 def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None):
     """Approximately orthogonalise each matrix of G (..., n, m): U S V^T -> U S' V^T with S' ~ 1.
 
@@ -133,7 +147,7 @@ class MuonClip(torch.optim.Optimizer):
         nesterov: bool = True,
         qk_clip_tau: float | None = 100.0,
         ns_steps: int = 5,
-        ns_dtype: torch.dtype | None = torch.bfloat16,
+        ns_dtype: torch.dtype | str | None = "auto",
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         adamw_lr: float | None = None,
@@ -164,9 +178,8 @@ class MuonClip(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.model = model
         self.qk_clip_tau = qk_clip_tau
-        # Newton-Schulz precision: bf16 as in K2 (also ~2x faster than fp32 on CPUs with bf16 units);
-        # None computes in the parameters' dtype.
-        self.ns_dtype = ns_dtype
+        # Newton-Schulz precision: bf16 as in K2 where the hardware has bf16 units (resolve_ns_dtype)
+        self.ns_dtype = resolve_ns_dtype(ns_dtype, next(model.parameters()).device)
         self.last_clipped: dict[int, int] = {}
         self.names = {id(p): n for n, p in split.muon + split.adamw}
 

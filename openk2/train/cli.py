@@ -24,7 +24,7 @@ HELP = {
     "seq_len": "tokens per sequence",
     "grad_accum": "micro-batches per optimizer step",
     "lr": "peak learning rate (shared by the Muon and AdamW parts)",
-    "ns_dtype": "Newton-Schulz precision (bfloat16 as K2; float32 to compare layouts exactly)",
+    "ns_dtype": "Newton-Schulz precision (auto: bfloat16 as K2 with bf16 hardware, else float32)",
     "qk_clip_tau": "QK-Clip threshold on the max attention logit",
     "bias_update_rate": "aux-loss-free routing-bias step per optimizer step",
     "aux_loss_alpha": "sequence-wise aux loss weight (default: the model config's)",

@@ -37,7 +37,9 @@ from openk2.train.memory import MemoryOptions, activation_context, apply_memory_
 from openk2.train.schedule import Schedule
 
 OPTIMIZERS = ("muonclip", "muon", "adamw")
-NS_DTYPES = ("bfloat16", "float32")  # Newton-Schulz precision: bf16 as K2; float32 for exact comparisons
+# Newton-Schulz precision: auto = bf16 as K2 where the hardware has bf16 units, else float32
+# (optim.muon.resolve_ns_dtype); float32 for exact comparisons
+NS_DTYPES = ("auto", "bfloat16", "float32")
 
 
 class TrainingDiverged(RuntimeError):
@@ -113,7 +115,7 @@ class TrainConfig:
     momentum: float = 0.95
     qk_clip_tau: float = 100.0
     grad_clip: float = 1.0
-    ns_dtype: str = "bfloat16"
+    ns_dtype: str = "auto"
     bias_update_rate: float = 1e-3
     aux_loss_alpha: float | None = None  # None: the model config's
     # schedule
@@ -163,7 +165,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
     tau = cfg.qk_clip_tau if cfg.optimizer == "muonclip" else None
     return MuonClip(model, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, qk_clip_tau=tau,
-                    ns_dtype=getattr(torch, cfg.ns_dtype))  # fmt: skip
+                    ns_dtype=cfg.ns_dtype)  # fmt: skip
 
 
 def pick_device(name: str) -> torch.device:
