@@ -225,7 +225,7 @@ def test_compiled_decode_matches_eager(engine):
     fast = Engine(
         tiny_model(seed=1, max_positions=256), engine.tokenizer, max_batch=4, max_seq_len=256, compile=True
     )
-    assert fast.forward.compiled and fast.forward._warm
+    assert fast.forward.compiled and fast.stats()["compiled"]
     fast.load_weights(engine.model)
     ps = prompts(engine.tokenizer)  # includes the one-token prompt "a"
     sampled = SamplingParams(max_tokens=12, temperature=0.8, top_k=40, seed=3, ignore_eos=True)

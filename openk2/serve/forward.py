@@ -25,9 +25,10 @@ step and by weight reads, not by FLOPs. So, next to the model's modules:
   `torch.compile` (`compile=True`): inductor fuses the ~600 small kernels of a step into a few
   dozen, runs single-row matmuls as its own vectorised loops and the MoE as one loop over the
   chosen experts' weights, read in place (the eager path's host-side expert ids would break the
-  graph). One graph serves one running sequence, a second any larger batch and cache length; each
-  takes ~20-40 s to compile on a laptop CPU (cached on disk by inductor afterwards). A step that
-  mutated the cache inside the graph was tried first: inductor then copied the whole pool per layer.
+  graph). One graph serves one running sequence, a second any larger batch and cache length; both
+  compile at start-up (benchmarks/bench_decode_floor.py prints how long; inductor caches them on
+  disk afterwards). A step that mutated the cache inside the graph was tried first: inductor then
+  copied the whole pool per layer.
 
 `refresh()` recomputes the absorbed weights; the engine calls it after `load_weights`.
 """
@@ -44,9 +45,6 @@ from openk2.model.transformer import Transformer
 from openk2.serve.cache import LatentCache
 
 FOLD_MAX_GROWTH = 2.0  # fold W_uk / W_uv only if the folded matrices are at most this much larger
-# Inductor's generated wrapper checks every input's size, stride and alignment on every call: with
-# ~100 weight tensors that is ~0.15 ms of a ~2 ms step. The engine builds the inputs itself.
-COMPILE_OPTIONS = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
 
 
 class AbsorbedMLA:
@@ -269,8 +267,7 @@ class CachedForward:
         if compile:
             if any(isinstance(b.mlp, MoE) and b.mlp.dispatcher is not None for b in self.blocks):
                 raise ValueError("compile=True is for one process; this model's MoE is expert-parallel")
-            self._step = torch.compile(self.step, fullgraph=True, options=COMPILE_OPTIONS)
-        self._warm = False
+        self._step = torch.compile(self.step, fullgraph=True) if compile else self.step
 
     def refresh(self) -> None:
         """Recompute the absorbed weights after the model's weights changed."""
@@ -316,17 +313,11 @@ class CachedForward:
         old = torch.arange(max(length - 1, 2), device=self.device)
         allowed = old[None, :] < pos[:, None]  # (n, T): each sequence's own rows
         kv = self.cache.kv[:, :n, : old.shape[0]]
-        if not self.compiled:
-            logits, entries = self.step(tokens, pos, allowed, kv)
-        else:
-            # one graph for a single sequence, one for any larger batch; any cache length in both
+        if self.compiled:  # one graph for a single sequence, one for any larger batch and length
             batch = ((tokens, 0), (pos, 0), (allowed, 0), (kv, 1)) if n > 1 else ()
             for t, dim in ((kv, 2), (allowed, 1), *batch):
                 torch._dynamo.mark_dynamic(t, dim)
-            # Once both graphs exist, only the guard that tells them apart (n == 1) is checked: the
-            # full set (every weight's shape and dtype) costs ~0.3 ms a step, ~10% of it on a CPU.
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=self._warm):
-                logits, entries = self._step(tokens, pos, allowed, kv)
+        logits, entries = self._step(tokens, pos, allowed, kv)
         flat = self.cache.kv.view(self.cache.num_layers, -1, self.cache.dim)
         flat.index_copy_(1, self._rows[:n] + pos, entries)  # row of (slot, position) in every layer
         return logits
@@ -364,4 +355,3 @@ class CachedForward:
                 f"{(str(e).strip().splitlines() or [''])[0][:300]}); "
                 "serve without compile (drop --compile), or install a C++ compiler"
             ) from e
-        self._warm = self.compiled
