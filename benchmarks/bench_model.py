@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from openk2 import ModelConfig, Transformer
+from openk2.checkpoint import save_model
 
 
 def timed(fn, iters: int, warmup: int = 1) -> float:
@@ -46,7 +47,7 @@ def main() -> None:
     torch.manual_seed(0)
     ours = Transformer(cfg)
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
+        save_model(ours, d)
         hf = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
     x, y = ids[:, :-1], ids[:, 1:]

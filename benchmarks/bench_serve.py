@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from openk2 import ModelConfig
+from openk2.checkpoint import load_model, save_model
 from openk2.checkpoint.export import export
 from openk2.model.layers import swiglu
 from openk2.model.moe import MoE
@@ -187,10 +188,10 @@ def main() -> None:
     config = ModelConfig.from_preset("small")
     with tempfile.TemporaryDirectory() as tmp:
         # save_pretrained + `openk2 export` (what transformers needs: its fused-expert key layout)
-        Transformer(config).save_pretrained(f"{tmp}/ckpt")
+        save_model(Transformer(config), f"{tmp}/ckpt")
         K2Tokenizer.default().save_pretrained(f"{tmp}/ckpt")
         export(f"{tmp}/ckpt", f"{tmp}/hf")
-        model = Transformer.from_pretrained(f"{tmp}/ckpt", dtype=torch.float32)
+        model = load_model(f"{tmp}/ckpt", dtype=torch.float32)
         hf = DeepseekV3ForCausalLM.from_pretrained(f"{tmp}/hf", dtype=torch.float32).eval()
     tok = K2Tokenizer.default()
     k, n = args.concurrent, args.new_tokens

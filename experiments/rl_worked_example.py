@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from openk2.checkpoint import save_model
 from openk2.config import ModelConfig
 from openk2.model.transformer import Transformer
 from openk2.optim.muon import MuonClip
@@ -114,7 +115,7 @@ def main() -> None:
     else:
         sft(model, tokenizer, args.sft_steps, batch=64, seed=0, log=log)
         torch.save(model.state_dict(), cache)
-        model.save_pretrained(out / "sft_checkpoint")  # for `openk2 rl configs/rl/... --init`
+        save_model(model, out / "sft_checkpoint")  # for `openk2 rl configs/rl/... --init`
     t_sft = time.perf_counter() - t_start
     eval_seeds = list(range(args.seeds))
     base = held_out(model, tokenizer, args.eval_tasks, eval_seeds)

@@ -43,6 +43,7 @@ from pathlib import Path
 import jsonschema
 import torch
 
+from openk2.checkpoint import load_model, save_model
 from openk2.data.agents import Agent, Task, make_agents, template_tasks
 from openk2.data.llm import ChatRequest, LLMClient, Rejected, ScriptedBackend
 from openk2.data.tools import EvolveArgs, MCPToolbox, evolve_tools, import_mcp_tools, shipped_server_command
@@ -182,7 +183,6 @@ async def build_data(args: argparse.Namespace, out: Path) -> tuple[Path, dict[st
 
 def measure(ckpt: str, sets: dict[str, list[Prompt]], max_tokens: int, constrained: bool) -> dict:
     """Greedy replies to every held-out prompt; rates of well-formed / right-tool / exact first calls."""
-    from openk2.model.transformer import Transformer
     from openk2.serve.engine import Engine
     from openk2.serve.sampling import SamplingParams
     from openk2.tokenizer.chat import encode_chat
@@ -190,7 +190,7 @@ def measure(ckpt: str, sets: dict[str, list[Prompt]], max_tokens: int, constrain
     from openk2.tokenizer.toolcalls import parse_tool_calls
 
     tok = K2Tokenizer.from_pretrained(ckpt)
-    engine = Engine(Transformer.from_pretrained(ckpt), tok, max_batch=16, max_seq_len=1024)
+    engine = Engine(load_model(ckpt), tok, max_batch=16, max_seq_len=1024)
     results = {}
     for split, prompts in sets.items():
         texts = [""] * len(prompts)
@@ -292,7 +292,7 @@ def main() -> None:
             max_position_embeddings=1024, rope_scaling=None, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
         )  # fmt: skip
         init = str(out / "init")
-        Transformer(cfg).save_pretrained(init)
+        save_model(Transformer(cfg), init)
         tok.save_pretrained(init)
         print(f"no --init: a random tiny-architecture model (hidden {args.hidden_size}, vocab 8192)")
     t0 = time.perf_counter()

@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from openk2 import ModelConfig
+from openk2.checkpoint import save_model
 from openk2.model.transformer import Transformer
 from openk2.rl.envs.code import load_humaneval
 from openk2.tokenizer.tokenizer import K2Tokenizer
@@ -49,7 +50,7 @@ def save_tiny_checkpoint(path, max_positions: int = 4096, seed: int = 0) -> None
     """A random `tiny` model (byte-level tokenizer) whose context holds the suite's tool declarations."""
     torch.manual_seed(seed)
     config = dataclasses.replace(ModelConfig.from_preset("tiny"), max_position_embeddings=max_positions)
-    Transformer(config).save_pretrained(path)
+    save_model(Transformer(config), path)
     K2Tokenizer.byte_level().save_pretrained(path)
 
 

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from openk2 import ModelConfig, Transformer
+from openk2.checkpoint import load_model, save_model
 from openk2.checkpoint.fp8 import dequantize_block_fp8, fp8_error_bound, quantize_block_fp8
 from openk2.checkpoint.hf import CheckpointError, load_weights_
 
@@ -27,7 +28,7 @@ def tiny_model() -> Transformer:
 
 @pytest.fixture()
 def saved(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path, max_shard_bytes=150_000)
+    save_model(tiny_model, tmp_path, max_shard_bytes=150_000)
     return tmp_path
 
 
@@ -56,7 +57,7 @@ def test_names_are_the_real_k2_names(saved):
 
 
 def test_round_trip_is_exact(tiny_model, saved):
-    loaded = Transformer.from_pretrained(saved)
+    loaded = load_model(saved)
     ids = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
         assert torch.equal(loaded(ids), tiny_model(ids))
@@ -74,7 +75,7 @@ def test_block_fp8_error_bound_holds():
 def test_fp8_round_trip(tiny_model, tmp_path):
     """Saved as FP8, loaded back: weights obey the per-element e4m3 bound, the loader adds no error of
     its own (identical to quantise-dequantise in memory), and logits move by what that implies."""
-    tiny_model.save_pretrained(tmp_path, fp8=True)
+    save_model(tiny_model, tmp_path, fp8=True)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["quantization_config"]["weight_block_size"] == [128, 128]
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
@@ -87,7 +88,7 @@ def test_fp8_round_trip(tiny_model, tmp_path):
     with safe_open(str(tmp_path / index["model.layers.1.mlp.gate.weight"]), "pt") as f:
         assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.float32
 
-    loaded = Transformer.from_pretrained(tmp_path, dtype=torch.float32)
+    loaded = load_model(tmp_path, dtype=torch.float32)
     reference = Transformer(tiny_model.config)
     reference.load_state_dict(tiny_model.state_dict())
     with torch.no_grad():
@@ -116,7 +117,7 @@ def test_missing_shard_names_file_and_tensors(saved):
     victim = sorted(saved.glob("model-*.safetensors"))[1]
     victim.unlink()
     with pytest.raises(CheckpointError, match=rf"{victim.name}.*missing.*model\."):
-        Transformer.from_pretrained(saved)
+        load_model(saved)
 
 
 def test_truncated_file_names_the_file(saved):
@@ -124,7 +125,7 @@ def test_truncated_file_names_the_file(saved):
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=rf"{victim.name}.*truncated"):
-        Transformer.from_pretrained(saved)
+        load_model(saved)
 
 
 def test_wrong_shape_names_file_and_tensor(saved):
@@ -136,7 +137,7 @@ def test_wrong_shape_names_file_and_tensor(saved):
     tensors[key] = torch.zeros(3, 3)
     save_file(tensors, str(file), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=rf"{file.name}: tensor {key} has shape \(3, 3\)"):
-        Transformer.from_pretrained(saved)
+        load_model(saved)
 
 
 def test_missing_tensor_is_an_error_not_a_partial_load(tiny_model, saved):
@@ -162,7 +163,7 @@ def test_unexpected_tensor_is_reported(saved):
     with pytest.raises(
         CheckpointError, match=r"extra\.safetensors: unexpected tensor model\.layers\.0\.mlp\.bogus"
     ):
-        Transformer.from_pretrained(saved)
+        load_model(saved)
 
 
 def test_export_is_loaded_by_transformers(tiny_model, tmp_path):
@@ -172,7 +173,7 @@ def test_export_is_loaded_by_transformers(tiny_model, tmp_path):
     from openk2.tokenizer import K2Tokenizer
 
     src = tmp_path / "ckpt"
-    tiny_model.save_pretrained(src)
+    save_model(tiny_model, src)
     K2Tokenizer.byte_level().save_pretrained(src)
     out = export(src, tmp_path / "exported", max_shard_bytes=200_000)
     names = {p.name for p in out.iterdir()}

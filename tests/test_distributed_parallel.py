@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from openk2.checkpoint import load_model
 from openk2.config import ModelConfig
 from openk2.distributed import checkpoint
 from openk2.distributed.dist_muon import DistributedMuon
@@ -173,7 +174,7 @@ def test_export_hf(tmp_path):
     train_steps(pm, opt, range(1))
     checkpoint.save(tmp_path / "ckpt", pm, opt, step=1)
     checkpoint.export_hf(tmp_path / "ckpt", tmp_path / "hf")
-    loaded = Transformer.from_pretrained(tmp_path / "hf")
+    loaded = load_model(tmp_path / "hf")
     for name, t in pm.chunks[0].state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], t, rtol=0, atol=0, msg=name)
 

@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from openk2 import ModelConfig, Transformer
-from openk2.train.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state
+from openk2.checkpoint import load_model
+from openk2.checkpoint.store import latest_checkpoint, list_checkpoints, load_trainer_state
 from openk2.train.logging import read_metrics
 from openk2.train.loop import TrainConfig, causal_lm_loss, pretrain
 
@@ -111,8 +112,8 @@ def test_torchrun_matches_single_process(layout, corpus, reference, tmp_path):
                 torch.testing.assert_close(opt[i][k], v, rtol=1e-3, atol=1e-5, msg=f"{i}.{k}")
             else:
                 assert opt[i][k] == v
-    weights = Transformer.from_pretrained(ckpt, dtype=torch.float32).state_dict()
-    ref_weights = Transformer.from_pretrained(ref_ckpt, dtype=torch.float32).state_dict()
+    weights = load_model(ckpt, dtype=torch.float32).state_dict()
+    ref_weights = load_model(ref_ckpt, dtype=torch.float32).state_dict()
     for name, t in ref_weights.items():
         torch.testing.assert_close(weights[name], t, rtol=0, atol=WEIGHT_ATOL, msg=name)
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from eval_util import save_tiny_checkpoint
 
+from openk2.checkpoint import load_model
 from openk2.eval import perplexity
 from openk2.eval.harness import ResultStore
-from openk2.model.transformer import Transformer
 from openk2.tokenizer.tokenizer import K2Tokenizer
 
 
@@ -46,7 +46,7 @@ def test_windows_reject_bad_sizes():
 def test_sliding_equals_one_forward_when_it_fits(ckpt, tmp_path):
     text = "To be, or not to be, that is the question.\n" * 3
     (tmp_path / "held.txt").write_text(text)
-    model = Transformer.from_pretrained(ckpt).eval()
+    model = load_model(ckpt).eval()
     tok = K2Tokenizer.from_pretrained(ckpt)
     ids = torch.tensor([[tok.bos_id] + tok.encode(text)])
     with torch.no_grad():

@@ -12,6 +12,7 @@ import pytest
 import torch
 from serve_util import MODEL, LiveServer, serve_process, tiny_engine, tiny_model
 
+from openk2.checkpoint import save_model
 from openk2.tokenizer.chat import encode_chat
 
 WEATHER = {
@@ -320,7 +321,7 @@ def test_api_key():
 
 def test_openk2_serve_cli(tmp_path):
     """`openk2 serve CHECKPOINT` in a real subprocess, loading a saved checkpoint."""
-    tiny_model(seed=0, max_positions=512).save_pretrained(tmp_path / "ckpt")
+    save_model(tiny_model(seed=0, max_positions=512), tmp_path / "ckpt")
     args = ["--served-model-name", MODEL, "--max-batch", "2", "--no-constrained-tools"]
     with serve_process(tmp_path / "ckpt", *args, seconds=60) as url:
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
@@ -339,7 +340,7 @@ def test_openk2_serve_compile_cli(tmp_path):
     from openk2.tokenizer.tokenizer import K2Tokenizer
 
     model = tiny_model(seed=0, max_positions=512)
-    model.save_pretrained(tmp_path / "ckpt")
+    save_model(model, tmp_path / "ckpt")
     tok = K2Tokenizer.byte_level()
     prompt = "The latent cache holds"
     eager = Engine(model, tok, max_batch=2, max_seq_len=512)

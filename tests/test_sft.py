@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from openk2.checkpoint import load_model, save_model
 from openk2.config import ModelConfig
 from openk2.model.transformer import Transformer
 from openk2.tokenizer.chat import encode_chat
@@ -130,7 +131,7 @@ def test_bad_data_is_a_clear_error(tmp_path):
 def test_sft_run_lowers_assistant_loss_and_resumes(tmp_path, tok):
     torch.manual_seed(0)
     init = tmp_path / "init"
-    Transformer(ModelConfig.from_preset("tiny")).save_pretrained(init)
+    save_model(Transformer(ModelConfig.from_preset("tiny")), init)
     tok.save_pretrained(init)
     data = tmp_path / "chat.jsonl"
     cities = ["Oslo", "Lima", "Pune", "Seoul", "Austin", "Paris", "Tokyo", "Lagos"] * 4
@@ -153,5 +154,5 @@ def test_sft_run_lowers_assistant_loss_and_resumes(tmp_path, tok):
     cfg.steps = 33
     again = sft(cfg)
     assert again["steps"] == 33
-    reloaded = Transformer.from_pretrained(again["checkpoint"])
+    reloaded = load_model(again["checkpoint"])
     assert reloaded.config.vocab_size == 512

@@ -12,6 +12,7 @@ import pytest
 import torch
 from serve_util import serve_process
 
+from openk2.checkpoint import save_model
 from openk2.config import ModelConfig
 from openk2.model.transformer import Transformer
 from openk2.tokenizer.tokenizer import K2Tokenizer
@@ -27,7 +28,7 @@ def server(tmp_path_factory):
     cfg = dataclasses.replace(
         ModelConfig.from_preset("tiny"), max_position_embeddings=4096, rope_scaling=None
     )
-    Transformer(cfg).save_pretrained(ckpt)
+    save_model(Transformer(cfg), ckpt)
     K2Tokenizer.byte_level().save_pretrained(ckpt)
     with serve_process(ckpt, "--served-model-name", "openk2") as url:
         yield url

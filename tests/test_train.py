@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from openk2 import ModelConfig, Transformer
-from openk2.train.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state
+from openk2.checkpoint import load_model
+from openk2.checkpoint.store import latest_checkpoint, list_checkpoints, load_trainer_state
 from openk2.train.data import PackedLoader, segment_ids_from_eos
 from openk2.train.logging import read_metrics
 from openk2.train.loop import (
@@ -64,8 +65,8 @@ def test_resume_gives_bit_identical_losses(corpus, tmp_path):
     evals = lambda d: [m["loss"] for m in read_metrics(d) if m.get("kind") == "eval"]  # noqa: E731
     assert evals(tmp_path / "full") == evals(tmp_path / "split")
     # the final weights (incl. the routing bias buffers) are identical too
-    wa = Transformer.from_pretrained(latest_checkpoint(tmp_path / "full"), dtype=torch.float32).state_dict()
-    wb = Transformer.from_pretrained(latest_checkpoint(tmp_path / "split"), dtype=torch.float32).state_dict()
+    wa = load_model(latest_checkpoint(tmp_path / "full"), dtype=torch.float32).state_dict()
+    wb = load_model(latest_checkpoint(tmp_path / "split"), dtype=torch.float32).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -123,7 +124,7 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(corpus, tmp_path
     assert "training diverged" in r.stderr and "last good checkpoint" in r.stderr
     good = latest_checkpoint(out)
     assert good is not None and str(good) in r.stderr
-    Transformer.from_pretrained(good)  # intact and loadable
+    load_model(good)  # intact and loadable
 
 
 def test_causal_lm_loss_mask():

@@ -31,6 +31,8 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
+from openk2.checkpoint import load_model
+
 
 class LLMError(RuntimeError):
     """A request that failed for good (bad request, or retries exhausted)."""
@@ -441,11 +443,8 @@ def make_client(
     if base_url is not None:
         backend: Backend = OpenAIBackend(base_url, model=model, api_key=api_key)
     else:
-        from openk2.model.transformer import Transformer
         from openk2.serve.engine import Engine
         from openk2.tokenizer.tokenizer import K2Tokenizer
 
-        backend = EngineBackend(
-            Engine(Transformer.from_pretrained(checkpoint), K2Tokenizer.from_pretrained(checkpoint))
-        )
+        backend = EngineBackend(Engine(load_model(checkpoint), K2Tokenizer.from_pretrained(checkpoint)))
     return LLMClient(backend, concurrency=concurrency, cache_path=cache_path)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from openk2.checkpoint import save_model
 from openk2.config import ModelConfig
 from openk2.distributed.dist_muon import DistributedMuon
 from openk2.distributed.expert_parallel import is_expert_param
@@ -163,4 +164,4 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike) -> None:
     model.to_empty(device="cpu")
     model.load_state_dict(model_sd)
     model.rotary.reset_parameters(config)
-    model.save_pretrained(out)
+    save_model(model, out)

@@ -45,6 +45,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from openk2.checkpoint import load_model
+from openk2.checkpoint.store import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from openk2.checkpoint.store import rng_state as get_rng_state
 from openk2.config import ModelConfig
 from openk2.distributed import checkpoint as dckpt
 from openk2.distributed.dist_muon import DistributedMuon
@@ -54,14 +63,6 @@ from openk2.distributed.parallelize import ParallelModel
 from openk2.model.moe import MoE
 from openk2.model.transformer import Transformer
 from openk2.optim import load_imbalance, update_routing_bias_
-from openk2.train.checkpoint import (
-    checkpoint_dir,
-    latest_checkpoint,
-    load_trainer_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from openk2.train.checkpoint import rng_state as get_rng_state
 from openk2.train.data import Batch
 from openk2.train.logging import RunLogger, plot_run, read_metrics
 from openk2.train.loop import (
@@ -309,7 +310,7 @@ class DistributedTrainer:
     def load(self, ckpt: Path, state: dict) -> None:
         """Load a `pretrain` checkpoint (written under any layout, or by one process) into this rank's
         share: weights, routing biases, optimizer state, step and token counts."""
-        full = Transformer.from_pretrained(ckpt, dtype=self.params[0].dtype)
+        full = load_model(ckpt, dtype=self.params[0].dtype)
         opt = build_optimizer(full, self.cfg)  # the one-process optimizer
         opt.load_state_dict(state["optimizer"])
         optim = {}

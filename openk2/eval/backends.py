@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import httpx
 
+from openk2.checkpoint import load_model
+
 
 @dataclass
 class ChatRequest:
@@ -346,7 +348,6 @@ class LocalBackend:
         constrained: bool = True,
         device: str = "cpu",
     ):
-        from openk2.model.transformer import Transformer
         from openk2.serve.engine import Engine
         from openk2.tokenizer.tokenizer import K2Tokenizer
 
@@ -354,7 +355,7 @@ class LocalBackend:
         if not path.is_dir():
             raise FileNotFoundError(f"checkpoint directory not found: {path}")
         self.tokenizer = K2Tokenizer.from_pretrained(path)
-        self.model = Transformer.from_pretrained(path, device=device)
+        self.model = load_model(path, device=device)
         self.engine = Engine(self.model, self.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
         self.constrained = constrained
         self.name = path.name

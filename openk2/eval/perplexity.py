@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from openk2.checkpoint import load_model
 from openk2.eval.harness import Item, ResultStore, run_items
 
 
@@ -113,14 +114,13 @@ def metrics(records: list[dict], n_bytes: int) -> dict:
 
 
 def run(checkpoint: str, cfg: PerplexityConfig, store: ResultStore, **run_kw) -> dict:
-    from openk2.model.transformer import Transformer
     from openk2.tokenizer.tokenizer import K2Tokenizer
 
     cfg.validate()
     if not Path(checkpoint).is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {checkpoint}")
     tokenizer = K2Tokenizer.from_pretrained(checkpoint)
-    model = Transformer.from_pretrained(checkpoint).eval()
+    model = load_model(checkpoint).eval()
     context = cfg.context or min(model.config.max_position_embeddings, 2048)
     if context > model.config.max_position_embeddings:
         raise ValueError(

@@ -10,7 +10,6 @@ modules from a copy of the model without renaming anything (the torchtitan patte
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
@@ -141,25 +140,6 @@ class Transformer(nn.Module):
 
         counts = count_parameters(self.config)
         return counts.activated if activated else counts.total
-
-    # ------------------------------------------------------------------ checkpoints (HF layout)
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-    ) -> Transformer:
-        from openk2.checkpoint.hf import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device)
-
-    def save_pretrained(
-        self, path: str | os.PathLike, fp8: bool = False, max_shard_bytes: int = 4 << 30
-    ) -> None:
-        from openk2.checkpoint.hf import save_pretrained
-
-        save_pretrained(self, path, fp8=fp8, max_shard_bytes=max_shard_bytes)
 
 
 def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from openk2.checkpoint import load_model, save_model
 from openk2.config import ModelConfig
 from openk2.model.transformer import Transformer
 from openk2.optim.muon import MuonClip
@@ -142,7 +143,7 @@ class RLConfig:
 
 def build_model(name: str, overrides: dict) -> Transformer:
     if Path(name).is_dir():
-        return Transformer.from_pretrained(name, dtype=torch.float32)
+        return load_model(name, dtype=torch.float32)
     config = ModelConfig.from_preset(name)
     for k, v in overrides.items():
         if not hasattr(config, k):
@@ -260,7 +261,7 @@ class RLTrainer:
             if c.critic == "policy":
                 self.critic = SelfCritic(self.model, self.tokenizer, CritiqueConfig())
             else:
-                critic_model = Transformer.from_pretrained(c.critic, dtype=torch.float32)
+                critic_model = load_model(c.critic, dtype=torch.float32)
                 self.critic = SelfCritic(critic_model, self.tokenizer, CritiqueConfig())
                 self.critic_optimizer = MuonClip(critic_model, lr=c.critic_lr, weight_decay=0.0)
         self.eval_sets = {
@@ -421,7 +422,7 @@ class RLTrainer:
         log.close()
         plot_history(self.history, out / "rl.png")
         if c.save_checkpoint:
-            self.model.save_pretrained(out / "checkpoint")
+            save_model(self.model, out / "checkpoint")
         return self.history
 
     def _log(self, rec: dict, fh) -> None:

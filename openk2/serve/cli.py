@@ -8,38 +8,17 @@ from pathlib import Path
 
 import torch
 
-from openk2.tokenizer.tokenizer import MODEL_FILE, K2Tokenizer
-
-
-def load_tokenizer(checkpoint: str | Path, vocab_size: int) -> K2Tokenizer:
-    """The checkpoint's own tokenizer files; without them, the shipped tokenizer whose size matches
-    the model (`small`: the default BPE, `tiny`: byte level)."""
-    checkpoint = Path(checkpoint)
-    if (checkpoint / MODEL_FILE).is_file():
-        return K2Tokenizer.from_pretrained(checkpoint)
-    for make in (K2Tokenizer.default, K2Tokenizer.byte_level):
-        tok = make()
-        if tok.vocab_size == vocab_size:
-            return tok
-    raise FileNotFoundError(
-        f"{checkpoint} has no {MODEL_FILE} and no shipped tokenizer has the model's {vocab_size} ids"
-    )
-
 
 def load_engine(
     checkpoint: str, max_batch: int, max_seq_len: int | None, dtype: str | None, compile: bool = False
 ):
-    from openk2.model.transformer import Transformer
+    from openk2.checkpoint import load
     from openk2.serve.engine import Engine
-    from openk2.train.checkpoint import resolve_checkpoint
 
     try:  # a checkpoint directory, or a run directory (its latest checkpoint)
-        path = resolve_checkpoint(checkpoint)
+        model, tokenizer = load(checkpoint, dtype=getattr(torch, dtype) if dtype else None)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
-    torch_dtype = getattr(torch, dtype) if dtype else None
-    model = Transformer.from_pretrained(path, dtype=torch_dtype)
-    tokenizer = load_tokenizer(path, model.config.vocab_size)
     return Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, compile=compile)
 
 

@@ -381,10 +381,10 @@ def run_steps(trainer, loader, eval_batches, cfg: TrainConfig, logger, save, las
 def pretrain(cfg: TrainConfig, resume: bool = True) -> dict:
     """Train `cfg.preset` on `cfg.corpus`; resumes from the run's latest checkpoint when there is one.
     Returns a summary (final losses, tokens/s, paths). Raises TrainingDiverged on NaN/inf."""
+    from openk2.checkpoint.store import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+    from openk2.checkpoint.store import rng_state as get_rng_state
     from openk2.config import ModelConfig
     from openk2.model.transformer import Transformer
-    from openk2.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
-    from openk2.train.checkpoint import rng_state as get_rng_state
     from openk2.train.logging import RunLogger, plot_run, read_metrics
 
     cfg.validate()

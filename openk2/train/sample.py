@@ -40,13 +40,10 @@ def generate_text(
     top_k: int | None = 50,
     seed: int = 0,
 ) -> str:
-    from openk2.model.transformer import Transformer
-    from openk2.tokenizer.tokenizer import K2Tokenizer
-    from openk2.train.checkpoint import resolve_checkpoint
+    from openk2.checkpoint import load
 
-    path = resolve_checkpoint(checkpoint)
-    model = Transformer.from_pretrained(path, dtype=torch.float32).eval()
-    tok = K2Tokenizer.from_pretrained(path)
+    model, tok = load(checkpoint, dtype=torch.float32)
+    model.eval()
     torch.manual_seed(seed)
     ids = tok.encode(prompt) if prompt else [tok.eos_id]  # an empty prompt starts a new document
     new = generate(model, ids, max_new_tokens, temperature, top_k, eos_id=tok.eos_id)

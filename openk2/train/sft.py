@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from openk2.checkpoint import load_model
 from openk2.train.data import Batch
 
 
@@ -170,9 +171,7 @@ def sft(cfg: SFTConfig, resume: bool = True) -> dict:
     from tqdm import tqdm
 
     from openk2.checkpoint.hf import load_weights_
-    from openk2.model.transformer import Transformer
-    from openk2.tokenizer.tokenizer import K2Tokenizer
-    from openk2.train.checkpoint import (
+    from openk2.checkpoint.store import (
         latest_checkpoint,
         load_trainer_state,
         resolve_checkpoint,
@@ -180,6 +179,7 @@ def sft(cfg: SFTConfig, resume: bool = True) -> dict:
         save_checkpoint,
         set_rng_state,
     )
+    from openk2.tokenizer.tokenizer import K2Tokenizer
     from openk2.train.logging import RunLogger
     from openk2.train.loop import TrainConfig, Trainer, TrainingDiverged, build_optimizer, pick_device
     from openk2.train.schedule import Schedule
@@ -198,7 +198,7 @@ def sft(cfg: SFTConfig, resume: bool = True) -> dict:
     init = resolve_checkpoint(cfg.init)
     torch.manual_seed(cfg.seed)
     tokenizer = K2Tokenizer.from_pretrained(init)
-    model = Transformer.from_pretrained(ckpt or init).to(device)
+    model = load_model(ckpt or init).to(device)
     if model.config.torch_dtype == "bfloat16" and device.type == "cpu":
         model = model.float()
 
