@@ -199,11 +199,17 @@ def _error(server, body, path="/v1/chat/completions", raw=None) -> tuple[int, di
     "body,param",
     [
         ({"model": MODEL, "messages": USER, "temperature": 5}, "temperature"),
-        ({"model": MODEL, "messages": USER, "top_p": 0}, "top_p"),
+        ({"model": MODEL, "messages": USER, "top_p": 1.5}, "top_p"),
+        ({"model": MODEL, "messages": USER, "max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"model": MODEL, "messages": USER, "seed": 2**64}, "seed"),
+        ({"model": MODEL, "messages": USER, "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"model": MODEL, "messages": USER, "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"model": MODEL, "messages": USER, "parallel_tool_calls": "no"}, "parallel_tool_calls"),
         ({"model": MODEL, "messages": USER, "max_tokens": 0}, "max_tokens"),
         ({"model": MODEL, "messages": USER, "n": 99}, "n"),
         ({"model": MODEL, "messages": []}, "messages"),
-        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"model": MODEL, "messages": [USER[0], {"role": "user", "content": 5}]}, "messages[1]"),
         ({"model": MODEL, "messages": USER, "tool_choice": "required"}, "tool_choice"),
         (
             {
@@ -211,7 +217,7 @@ def _error(server, body, path="/v1/chat/completions", raw=None) -> tuple[int, di
                 "messages": USER,
                 "tools": [{"type": "function", "function": {"name": "bad name!"}}],
             },
-            None,
+            "tools[0]",
         ),
         (
             {
@@ -221,7 +227,7 @@ def _error(server, body, path="/v1/chat/completions", raw=None) -> tuple[int, di
                     {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
                 ],
             },
-            None,
+            "tools[0]",
         ),
         ({"model": MODEL, "messages": USER, "response_format": {"type": "xml"}}, "response_format"),
     ],
