@@ -11,8 +11,8 @@ from math import comb
 import pytest
 from eval_util import FakeOpenAI
 
+from openk2.client import ChatResult, EndpointBackend, ToolCallOut
 from openk2.eval import gym
-from openk2.eval.backends import ChatResult, EndpointBackend, ToolCallOut
 from openk2.eval.harness import Item, ResultStore, compare_table, load_result, result_table, run_items, slug
 from openk2.rl.env import pass_at_k
 
