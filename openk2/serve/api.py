@@ -22,10 +22,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from openk2.serve.cache import ContextLengthError
 from openk2.serve.engine import Engine, EngineFullError, StreamEvent
 from openk2.serve.openai_chat import (
     RequestError,
+    check_fits,
     field_of,
     include_usage,
     prepare_chat,
@@ -105,14 +105,6 @@ def create_app(
             message = f"the model '{model}' does not exist; this server serves '{model_name}'"
             raise APIError(404, message, "model", "model_not_found")
         return body
-
-    def submit_check(prompt: list[int], params: SamplingParams) -> None:
-        try:
-            engine.check(prompt, params)
-        except ContextLengthError as e:
-            raise APIError(400, str(e), "messages", "context_length_exceeded") from None
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
 
     async def events(
         prompts: list[list[int]], params: SamplingParams
@@ -279,7 +271,7 @@ def create_app(
                 raise APIError(400, "'echo' together with 'logprobs' is not supported", "echo")
         params.grammar = response_format_grammar(body.get("response_format"), grammars)
         for p in prompts:
-            submit_check(p, params)
+            check_fits(engine, p, params, "prompt")
         usage_wanted = include_usage(body)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}

@@ -319,6 +319,20 @@ class ReplyStream:
         return "tool_calls" if has_calls and engine_reason == "stop" else engine_reason
 
 
+def check_fits(engine: Engine, prompt: list[int], params: SamplingParams, prompt_param: str) -> None:
+    """Everything the engine checks at submission (context length, slots, the grammar), as a
+    RequestError; `prompt_param` names the field that made the prompt ("messages" or "prompt")."""
+    try:
+        engine.check(prompt, params)
+    except ContextLengthError as e:
+        raise RequestError(str(e), prompt_param, "context_length_exceeded") from None
+    except InvalidSamplingParam as e:
+        raise RequestError(str(e), e.param) from None
+    except ValueError as e:
+        param = "n" if str(e).startswith("n=") else prompt_param if "prompt" in str(e) else None
+        raise RequestError(str(e), param) from None
+
+
 def prepare_chat(body: dict, engine: Engine, constrained_tools: bool = True) -> PreparedChat:
     """Validate an OpenAI chat body against this engine; RequestError names what is wrong.
 
@@ -359,12 +373,5 @@ def prepare_chat(body: dict, engine: Engine, constrained_tools: bool = True) -> 
         raise
     except ValueError as e:
         raise RequestError(str(e), "tools") from None
-    try:
-        engine.check(prompt, params)
-    except ContextLengthError as e:
-        raise RequestError(str(e), "messages", "context_length_exceeded") from None
-    except InvalidSamplingParam as e:
-        raise RequestError(str(e), e.param) from None
-    except ValueError as e:
-        raise RequestError(str(e), "n" if str(e).startswith("n=") else None) from None
+    check_fits(engine, prompt, params, "messages")
     return PreparedChat(prompt, params, tools, choice, parallel, include_usage(body))
