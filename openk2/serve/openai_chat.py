@@ -338,6 +338,13 @@ def prepare_chat(body: dict, engine: Engine, constrained_tools: bool = True) -> 
 
     constrained_tools=False leaves tool_choice "required" / a named function to the model alone (no
     grammar), which is how an evaluation measures a model's unaided tool-call conformance."""
+    try:
+        return _prepare_chat(body, engine, constrained_tools)
+    except RecursionError:  # JSON nested deeper than the renderer or a schema compiler can walk
+        raise RequestError("the request is nested too deeply") from None
+
+
+def _prepare_chat(body: dict, engine: Engine, constrained_tools: bool) -> PreparedChat:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     tokenizer = engine.tokenizer
