@@ -357,11 +357,8 @@ def _set_aside(final: Path, run_id: str | None) -> None:
             verify_checkpoint(final)
         except CheckpointError:
             intact = False
-    if intact:  # rename first: a kill then leaves a stale temp, never a half-deleted checkpoint
-        old = final.parent / f".tmp-{final.name}-{_host()}-{os.getpid()}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        shutil.rmtree(old, ignore_errors=True)
+    if intact:
+        _delete(final)
         return
     kept = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
     os.replace(final, kept)
@@ -375,7 +372,17 @@ def _retain(run_dir: str | os.PathLike, step: int, keep: int, run_id: str | None
         if has_manifest and owner == run_id and checkpoint_step(ckpt) <= step:
             own.append(ckpt)
     for old in own[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
+
+
+def _delete(ckpt: Path) -> None:
+    """Remove a checkpoint by first renaming it to a temporary name: a kill during the removal then
+    leaves a stale temporary directory (cleaned by `clean_stale_temps`), never a half-deleted
+    checkpoint that is still listed."""
+    doomed = ckpt.parent / f".tmp-{ckpt.name}-{_host()}-{os.getpid()}.old"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(ckpt, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ load
