@@ -9,13 +9,13 @@ worker process."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import torch
 
 import openk2.train
 from openk2 import ModelConfig, Transformer
-from openk2.checkpoint import CheckpointError, load, load_model
+from openk2.checkpoint import CheckpointError, CheckpointWarning, load, load_model
 from openk2.checkpoint.store import (
     MANIFEST_FILE,
     STATE_FILE,
@@ -132,7 +132,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("kind", list(CORRUPTIONS))
-def test_corruption_is_named_and_resume_falls_back(kind, stopped_run, tmp_path, caplog):
+def test_corruption_is_named_and_resume_falls_back(kind, stopped_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(stopped_run, run)
     good, bad = list_checkpoints(run)
@@ -146,10 +146,10 @@ def test_corruption_is_named_and_resume_falls_back(kind, stopped_run, tmp_path, 
     assert str(victim) in message and what in message and "\n" not in message, message
     verify_checkpoint(good)
 
-    caplog.set_level(logging.WARNING, logger="openk2.checkpoint")
-    assert find_resumable(run) == good
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and str(victim) in warnings[0], warnings
+    with pytest.warns(CheckpointWarning) as caught:
+        assert find_resumable(run) == good
+    lines = [str(w.message) for w in caught]
+    assert len(lines) == 1 and str(victim) in lines[0] and "\n" not in lines[0], lines
     assert snapshot(bad) == before  # the damaged checkpoint is left exactly as it was
     assert list_checkpoints(run) == [good, bad]
 
@@ -157,7 +157,8 @@ def test_corruption_is_named_and_resume_falls_back(kind, stopped_run, tmp_path, 
     with pytest.raises(CheckpointError, match=str(victim).replace(".", r"\.")) as err:
         load(bad)
     assert "\n" not in str(err.value)
-    model, _ = load(run, dtype=torch.float32)
+    with pytest.warns(CheckpointWarning, match="skipping damaged checkpoint"):
+        model, _ = load(run, dtype=torch.float32)
     expected = load_model(good, dtype=torch.float32).state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
     assert snapshot(bad) == before
@@ -192,29 +193,31 @@ def test_verify_modes(stopped_run, tmp_path):
         load_trainer_state(ckpt)
 
 
-def test_legacy_checkpoint_without_manifest_is_accepted_with_a_warning(stopped_run, tmp_path, caplog):
+def test_legacy_checkpoint_without_manifest_is_accepted_with_a_warning(stopped_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(stopped_run, run)
     latest = list_checkpoints(run)[-1]
     (latest / MANIFEST_FILE).unlink()
-    caplog.set_level(logging.WARNING, logger="openk2.checkpoint")
-    assert find_resumable(run) == latest
-    assert any("no manifest.json" in r.getMessage() for r in caplog.records)
-    caplog.clear()
+    with pytest.warns(CheckpointWarning, match="no manifest.json"):
+        assert find_resumable(run) == latest
     plain = tmp_path / "plain"  # a plain HF model directory (export, save_model) has no manifest either
     shutil.copytree(latest, plain, ignore=shutil.ignore_patterns(STATE_FILE))
-    load(plain)
-    assert not caplog.records
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load(plain)
+    assert not [w for w in caught if issubclass(w.category, CheckpointWarning)]
 
 
-def test_every_checkpoint_damaged_is_one_error(stopped_run, tmp_path, caplog):
+def test_every_checkpoint_damaged_is_one_error(stopped_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(stopped_run, run)
     for ckpt in list_checkpoints(run):
         truncate_trainer_state(ckpt)
-    assert find_resumable(run) is None
+    with pytest.warns(CheckpointWarning):
+        assert find_resumable(run) is None
     with pytest.raises(CheckpointError, match="every checkpoint of this run is damaged"):
-        load(run)
+        with pytest.warns(CheckpointWarning):
+            load(run)
     assert len(list_checkpoints(run)) == 2
 
 
@@ -330,7 +333,7 @@ def test_kill_during_save_leaves_only_intact_checkpoints(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- retention
-def test_retention_never_deletes_another_runs_checkpoints(tmp_path, caplog):
+def test_retention_never_deletes_another_runs_checkpoints(tmp_path):
     model, tok = _tiny_saver()
     run = tmp_path / "run"
     legacy = save_checkpoint(run, 1, model, tok, {"step": 1}, run_id="old")
@@ -344,11 +347,10 @@ def test_retention_never_deletes_another_runs_checkpoints(tmp_path, caplog):
 
     # another run's checkpoint at the same step is moved aside and kept, never replaced
     other = save_checkpoint(run, 9, model, tok, {"step": 9, "who": "b"}, keep=5, run_id="b")
-    caplog.set_level(logging.WARNING, logger="openk2.checkpoint")
-    save_checkpoint(run, 9, model, tok, {"step": 9, "who": "a"}, keep=2, run_id="a")
+    with pytest.warns(CheckpointWarning, match="not this run's intact checkpoint; moved to"):
+        save_checkpoint(run, 9, model, tok, {"step": 9, "who": "a"}, keep=2, run_id="a")
     aside = list((run / "checkpoints").glob("step-0000009.replaced-*"))
     assert len(aside) == 1 and load_trainer_state(aside[0])["who"] == "b"
-    assert any("moved to" in r.getMessage() for r in caplog.records)
     assert load_trainer_state(other)["who"] == "a"
     # this run's own intact checkpoint at the same step is simply replaced (re-saving the last step)
     save_checkpoint(run, 9, model, tok, {"step": 9, "who": "a again"}, keep=2, run_id="a")
@@ -357,7 +359,7 @@ def test_retention_never_deletes_another_runs_checkpoints(tmp_path, caplog):
     assert load_trainer_state(list_checkpoints(run)[-1])["who"] == "a again"
 
 
-def test_clean_stale_temps_spares_live_and_foreign_writers(tmp_path, caplog):
+def test_clean_stale_temps_spares_live_and_foreign_writers(tmp_path):
     from openk2.checkpoint.store import _host
 
     dead = subprocess.Popen(["true"])
@@ -376,13 +378,13 @@ def test_clean_stale_temps_spares_live_and_foreign_writers(tmp_path, caplog):
         for name in names.values():
             (root / name).mkdir(parents=True)
             (root / name / "x").write_bytes(b"x")
-        caplog.set_level(logging.WARNING, logger="openk2.checkpoint")
-        removed = clean_stale_temps(tmp_path)
+        with pytest.warns(CheckpointWarning) as caught:
+            removed = clean_stale_temps(tmp_path)
         assert sorted(p.name for p in removed) == sorted([names["dead"], names["legacy"], names["old"]])
         assert sorted(p.name for p in root.iterdir()) == sorted(
             [names["live"], names["foreign"], ".tmp-notes"]
         )
-        text = " ".join(r.getMessage() for r in caplog.records)
+        text = " ".join(str(w.message) for w in caught)
         assert "still running" in text and "elsewhere" in text
     finally:
         live.kill()

@@ -17,10 +17,17 @@ import torch
 from openk2.checkpoint.hf import CheckpointError
 from openk2.checkpoint.hf import load_pretrained as load_model
 from openk2.checkpoint.hf import save_pretrained as save_model
-from openk2.checkpoint.store import find_resumable, list_checkpoints, resolve_checkpoint, verify_checkpoint
+from openk2.checkpoint.store import (
+    CheckpointWarning,
+    find_resumable,
+    list_checkpoints,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWarning",
     "load",
     "load_model",
     "load_tokenizer",

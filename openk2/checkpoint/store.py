@@ -18,6 +18,7 @@ Integrity rules (docs/training.md, "Checkpoint integrity"):
   removes once its writer is dead.
 * `verify_checkpoint` checks the manifest (sizes always, sha256 unless asked not to); a checkpoint
   without a manifest (written before manifests existed) is accepted with a warning.
+* Warnings are `CheckpointWarning`s (`warnings.warn`), one line each, for the command to print.
 * `find_resumable` returns the newest checkpoint that verifies, warning once per newer one that does
   not; nothing here ever deletes a checkpoint that failed verification.
 * Retention deletes only older checkpoints whose manifest names the saving run's id.
@@ -27,13 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import random
 import re
 import shutil
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,15 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TEMP_DIR = re.compile(r"^\.tmp-step-(\d+)-(?:(?P<host>.+)-)?(?P<pid>\d+)(?:\.old)?$")
 _CHUNK = 8 << 20
 
-log = logging.getLogger("openk2.checkpoint")
+
+class CheckpointWarning(UserWarning):
+    """Something about a run's checkpoints worth a line on stderr that does not stop the caller: a
+    damaged checkpoint skipped, an older one without a manifest, a temporary directory left alone.
+    Commands catch these (`warnings.catch_warnings(record=True)`) and print `warning: <message>`."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, CheckpointWarning, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------ RNG state
@@ -211,7 +220,7 @@ def verify_checkpoint(path: str | os.PathLike, verify: str = "full") -> None:
 
     A directory without a manifest passes, as there is nothing to check it against: a plain HF model
     (`save_model`, `openk2 export`, a downloaded checkpoint) silently, a training checkpoint written
-    before manifests existed with a logged warning.
+    before manifests existed with a CheckpointWarning.
     """
     if verify not in VERIFY_MODES:
         raise ValueError(f"verify must be 'full', 'size' or 'auto', not {verify!r}")
@@ -221,7 +230,7 @@ def verify_checkpoint(path: str | os.PathLike, verify: str = "full") -> None:
     manifest = read_manifest(path)
     if manifest is None:
         if (path / STATE_FILE).exists():
-            log.warning("%s: no %s (an older checkpoint); its files cannot be verified", path, MANIFEST_FILE)
+            _warn(f"{path}: no {MANIFEST_FILE} (an older checkpoint); its files cannot be verified")
         return
     files = manifest["files"]
     for name, entry in files.items():
@@ -254,7 +263,7 @@ def find_resumable(run_dir: str | os.PathLike, verify: str = "full") -> Path | N
         try:
             verify_checkpoint(ckpt, verify=verify)
         except CheckpointError as e:
-            log.warning("skipping damaged checkpoint: %s", e)
+            _warn(f"skipping damaged checkpoint: {e}")
             continue
         return ckpt
     return None
@@ -295,10 +304,10 @@ def clean_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
         pid = int(m.group("pid"))
         writer_host = m.group("host")
         if writer_host not in (None, host):
-            log.warning("%s: left in place, written on host %s", p, writer_host)
+            _warn(f"{p}: left in place, written on host {writer_host}")
             continue
         if pid != os.getpid() and _pid_alive(pid):
-            log.warning("%s: left in place, its writer (pid %d) is still running", p, pid)
+            _warn(f"{p}: left in place, its writer (pid {pid}) is still running")
             continue
         shutil.rmtree(p, ignore_errors=True)
         if not p.exists():
@@ -362,7 +371,7 @@ def _set_aside(final: Path, run_id: str | None) -> None:
         return
     kept = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
     os.replace(final, kept)
-    log.warning("%s: not this run's intact checkpoint; moved to %s and kept", final, kept.name)
+    _warn(f"{final}: not this run's intact checkpoint; moved to {kept.name} and kept")
 
 
 def _retain(run_dir: str | os.PathLike, step: int, keep: int, run_id: str | None) -> None:
