@@ -61,8 +61,9 @@ class CheckpointWarning(UserWarning):
     Commands catch these (`warnings.catch_warnings(record=True)`) and print `warning: <message>`."""
 
 
-def _warn(message: str) -> None:
-    warnings.warn(message, CheckpointWarning, stacklevel=3)
+def _warn(message: str, stacklevel: int = 3) -> None:
+    """Warn on behalf of the public function `stacklevel - 1` frames up (its caller is blamed)."""
+    warnings.warn(message, CheckpointWarning, stacklevel=stacklevel)
 
 
 # ------------------------------------------------------------------------------------------ RNG state
@@ -371,7 +372,7 @@ def _set_aside(final: Path, run_id: str | None) -> None:
         return
     kept = final.with_name(f"{final.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
     os.replace(final, kept)
-    _warn(f"{final}: not this run's intact checkpoint; moved to {kept.name} and kept")
+    _warn(f"{final}: not this run's intact checkpoint; moved to {kept.name} and kept", stacklevel=4)
 
 
 def _retain(run_dir: str | os.PathLike, step: int, keep: int, run_id: str | None) -> None:
