@@ -209,6 +209,24 @@ def test_legacy_checkpoint_without_manifest_is_accepted_with_a_warning(stopped_r
     assert not [w for w in caught if issubclass(w.category, CheckpointWarning)]
 
 
+@pytest.mark.parametrize(
+    "file, text",
+    [("config.json", '{"hidden_size": '), ("config.json", '{"hidden_size": "wide"}'),
+     ("tiktoken.model", "not base64 at all\n"), ("tokenizer_config.json", "[1, 2]")],
+)  # fmt: skip
+def test_broken_files_of_a_plain_model_are_one_error(file, text, stopped_run, tmp_path):
+    """A model directory without a manifest (hand-edited, exported, downloaded): a broken config or
+    tokenizer file is one CheckpointError line naming the file, as `serve` and `sample` report it."""
+    plain = tmp_path / "plain"
+    shutil.copytree(list_checkpoints(stopped_run)[-1], plain, ignore=shutil.ignore_patterns("*.pt", "*.json"))
+    for name in ("config.json", "model.safetensors.index.json", "tokenizer_config.json"):
+        shutil.copy(list_checkpoints(stopped_run)[-1] / name, plain / name)
+    (plain / file).write_text(text)
+    with pytest.raises(CheckpointError, match=file.replace(".", r"\.")) as err:
+        load(plain)
+    assert "\n" not in str(err.value)
+
+
 def test_every_checkpoint_damaged_is_one_error(stopped_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(stopped_run, run)

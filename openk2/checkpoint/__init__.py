@@ -68,10 +68,14 @@ def load(
         model = load_model(ckpt, dtype=dtype, device=device)
     except ValueError as e:  # config.json that is not valid JSON or not a K2 config
         raise CheckpointError(str(e)) from e
+    except TypeError as e:  # a config value of the wrong type, found only when the model is built
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ckpt / 'config.json'}: cannot build the model from it ({reason})") from e
     try:
         tokenizer = load_tokenizer(ckpt, model.config.vocab_size)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{ckpt}: unreadable tokenizer files ({e})") from e
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        reason = str(e) if str(ckpt) in str(e) else f"tiktoken.model or tokenizer_config.json: {e}"
+        raise CheckpointError(f"{ckpt}: unreadable tokenizer ({reason})") from e
     return model, tokenizer
 
 
