@@ -9,6 +9,7 @@ Python `render` and by our own Jinja; all four must give the same string.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -190,3 +191,42 @@ def test_encode_chat_thinking_masks_reasoning_as_assistant_output():
         {"role": "assistant", "content": "4", "reasoning_content": "add"},
     ]
     assert render(plain, variant="thinking").endswith("<think></think>4<|im_end|>")
+
+
+def test_apply_chat_template_built_in(tmp_path):
+    tok = K2Tokenizer.default()
+    messages, tools = SEVERAL_TOOL_TURNS, [WEATHER, SEARCH]
+    text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert text == official("instruct", messages, tools, True)
+    ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+    assert ids == encode_chat(tok, messages, tools, True).ids
+    out = tok.apply_chat_template(messages, tools, True, return_dict=True, return_assistant_tokens_mask=True)
+    assert out["input_ids"] == ids and len(out["attention_mask"]) == len(out["assistant_masks"]) == len(ids)
+    assert tok.apply_chat_template([], tokenize=False) == ""
+
+
+def test_apply_chat_template_uses_the_directorys_own_template(tmp_path):
+    K2Tokenizer.default().save_pretrained(tmp_path)
+    config = tmp_path / "tokenizer_config.json"
+    data = json.loads(config.read_text())
+    data["chat_template"] = "{% for m in messages %}[{{ m.role }}|{{ m.content }}]{% endfor %}{{ extra }}"
+    config.write_text(json.dumps(data))
+    tok = K2Tokenizer.from_pretrained(tmp_path)
+    assert (
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, extra="!")
+        == "[user|hi]!"
+    )
+    (tmp_path / "chat_template.jinja").write_text(OFFICIAL["thinking"])  # the .jinja file wins
+    tok = K2Tokenizer.from_pretrained(tmp_path)
+    messages = SEVERAL_TOOL_TURNS[:4]
+    text = tok.apply_chat_template(messages, tools=[WEATHER], add_generation_prompt=True, tokenize=False)
+    assert (
+        text
+        == official("thinking", messages, [WEATHER], True)
+        == render(messages, [WEATHER], True, variant="thinking")
+    )
+    assert tok.apply_chat_template(messages, tools=[WEATHER]) == tok.encode(
+        official("thinking", messages, [WEATHER], False), allow_special=True
+    )
+    with pytest.raises(ValueError, match="built-in"):
+        tok.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)

@@ -1,4 +1,4 @@
-"""K2's text interface: the tokenizer, the chat template and the tool-call parser."""
+"""K2's text interface: the tokenizer, the chat templates, the tool-call and reasoning parsers."""
 
 from openk2.tokenizer.chat import (
     DEFAULT_SYSTEM_PROMPT,
@@ -10,6 +10,7 @@ from openk2.tokenizer.chat import (
     render,
     render_jinja,
 )
+from openk2.tokenizer.reasoning import StreamingReasoningParser, split_reasoning
 from openk2.tokenizer.tokenizer import K2_PATTERN, SPECIAL_OFFSETS, IncrementalDecoder, K2Tokenizer
 from openk2.tokenizer.toolcalls import (
     Delta,
@@ -31,6 +32,7 @@ __all__ = [
     "K2Tokenizer",
     "THINKING_JINJA_TEMPLATE",
     "ParsedMessage",
+    "StreamingReasoningParser",
     "StreamingToolCallParser",
     "ToolCall",
     "assistant_message",
@@ -39,4 +41,5 @@ __all__ = [
     "parse_tool_calls",
     "render",
     "render_jinja",
+    "split_reasoning",
 ]

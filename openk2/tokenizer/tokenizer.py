@@ -77,6 +77,7 @@ SPECIAL_ATTRS: dict[str, str] = {
 
 MODEL_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"  # a checkpoint's own chat template; wins over the config's
 MAX_RUN_CHARS = 4096  # longest whitespace / non-whitespace run handed to BPE in one piece
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
 
@@ -209,6 +210,10 @@ class K2Tokenizer:
             names = {int(i): v["content"] for i, v in config.get("added_tokens_decoder", {}).items()}
             template = config.get("chat_template")
             pattern = config.get("pat_str", K2_PATTERN)
+        if (directory / TEMPLATE_FILE).is_file():
+            template = (directory / TEMPLATE_FILE).read_text()
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{config_path}: chat_template must be one Jinja string")
         return cls(ranks, names, pattern=pattern, chat_template=template, name=directory.name or "k2")
 
     @classmethod
@@ -238,8 +243,9 @@ class K2Tokenizer:
             return cls.byte_level()
         return cls.from_pretrained(name)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `tiktoken.model` and `tokenizer_config.json` (with the Jinja chat template)."""
+    def save_pretrained(self, directory: str | Path, model_max_length: int = 131072) -> Path:
+        """Write `tiktoken.model` and `tokenizer_config.json` (with the Jinja chat template).
+        `model_max_length` should be the model's max positions (K2's 131072 by default)."""
         from openk2.tokenizer.chat import JINJA_TEMPLATE
 
         directory = Path(directory)
@@ -252,7 +258,7 @@ class K2Tokenizer:
             "bos_token": "[BOS]",
             "eos_token": "[EOS]",
             "pat_str": self.pattern,
-            "model_max_length": 131072,
+            "model_max_length": int(model_max_length),
             "added_tokens_decoder": {
                 str(i): {"content": s, "special": True}
                 for s, i in sorted(self.special_ids.items(), key=lambda kv: kv[1])
@@ -261,6 +267,55 @@ class K2Tokenizer:
         }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return directory
+
+    # ---- chat ---------------------------------------------------------------------------
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        *,
+        chat_template: str | None = None,
+        return_dict: bool = False,
+        return_assistant_tokens_mask: bool = False,
+        **kwargs,
+    ) -> str | list[int] | dict:
+        """The conversation as a prompt, with transformers' arguments and meaning.
+
+        The template is `chat_template` if given, else this tokenizer's own (a directory's
+        `chat_template.jinja` or tokenizer_config.json `chat_template`), else the built-in K2
+        template (`openk2.tokenizer.chat`, which renders as Kimi-K2-Instruct-0905's). A template
+        equal to one of our built-in Jinja texts is rendered by the built-in code; any other is
+        rendered as Jinja in transformers' environment, extra keyword arguments becoming template
+        variables. tokenize=False gives the text; tokenize=True the ids (built-in: user text
+        never turns into special ids; Jinja: special-token strings in the text are parsed, as
+        transformers does). Unlike transformers 5, ids come back as a plain list unless
+        return_dict=True ({"input_ids", "attention_mask"[, "assistant_masks"]}); the assistant
+        mask needs the built-in template.
+        """
+        from openk2.tokenizer.chat import JINJA_TEMPLATES, encode_chat, render, render_jinja
+
+        template = chat_template if chat_template is not None else self.chat_template
+        variant = next((v for v, t in JINJA_TEMPLATES.items() if template in (None, t)), None)
+        if variant is None and return_assistant_tokens_mask:
+            raise ValueError("return_assistant_tokens_mask needs the built-in chat template")
+        if not tokenize:
+            if variant is None:
+                return render_jinja(template, messages, tools, add_generation_prompt, **kwargs)
+            return render(messages, tools, add_generation_prompt, variant=variant)
+        if variant is None:
+            text = render_jinja(template, messages, tools, add_generation_prompt, **kwargs)
+            ids, mask = self.encode(text, allow_special=True), None
+        else:
+            enc = encode_chat(self, messages, tools, add_generation_prompt, variant=variant)
+            ids, mask = enc.ids, enc.assistant_mask
+        if not return_dict:
+            return ids
+        out: dict = {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        if return_assistant_tokens_mask:
+            out["assistant_masks"] = [int(m) for m in mask]
+        return out
 
     # ---- encode / decode ----------------------------------------------------------------
     def _encode_ordinary(self, text: str) -> list[int]:
