@@ -77,6 +77,7 @@ SPECIAL_ATTRS: dict[str, str] = {
 
 MODEL_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
+HF_TOKENIZER_FILE = "tokenizer.json"  # the same BPE for transformers / vLLM (`tokenizers` format)
 TEMPLATE_FILE = "chat_template.jinja"  # a checkpoint's own chat template; wins over the config's
 MAX_RUN_CHARS = 4096  # longest whitespace / non-whitespace run handed to BPE in one piece
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
@@ -243,16 +244,25 @@ class K2Tokenizer:
             return cls.byte_level()
         return cls.from_pretrained(name)
 
-    def save_pretrained(self, directory: str | Path, model_max_length: int = 131072) -> Path:
+    def save_pretrained(
+        self, directory: str | Path, model_max_length: int = 131072, hf_tokenizer: bool = False
+    ) -> Path:
         """Write `tiktoken.model` and `tokenizer_config.json` (with the Jinja chat template).
-        `model_max_length` should be the model's max positions (K2's 131072 by default)."""
+
+        `model_max_length` should be the model's max positions (K2's 131072 by default). With
+        hf_tokenizer=True also write `tokenizer.json` (see `hf_tokenizer_json`) and name
+        transformers' fast tokenizer as the class, so `AutoTokenizer` gives our exact ids
+        without remote code."""
         from openk2.tokenizer.chat import JINJA_TEMPLATE
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_tiktoken_model(self.mergeable_ranks, directory / MODEL_FILE)
+        if hf_tokenizer:
+            text = json.dumps(hf_tokenizer_json(self), ensure_ascii=False)
+            (directory / HF_TOKENIZER_FILE).write_text(text)
         config = {
-            "tokenizer_class": "TikTokenTokenizer",
+            "tokenizer_class": "PreTrainedTokenizerFast" if hf_tokenizer else "TikTokenTokenizer",
             "vocab_size": self.vocab_size,
             "num_base_tokens": self.n_base,
             "bos_token": "[BOS]",
@@ -384,6 +394,68 @@ class K2Tokenizer:
 
     def __repr__(self) -> str:
         return f"K2Tokenizer(n_base={self.n_base}, vocab_size={self.vocab_size}, bos={self.bos_id})"
+
+
+def hf_tokenizer_json(tok: K2Tokenizer) -> dict:
+    """The tokenizer as a `tokenizers` (Hugging Face fast tokenizer) definition with identical ids.
+
+    Pre-tokenization is K2's split pattern followed by the byte-to-character map of ByteLevel;
+    the model is BPE over the same vocabulary, with one merge (a, b) for every token that is the
+    concatenation of two tokens, ordered by the rank of the result. tiktoken merges, at each
+    step, the adjacent pair whose concatenation has the lowest rank, and BPE the pair listed
+    first, so both build the same tokens (`ignore_merges` mirrors tiktoken's shortcut for a
+    pre-token that is itself a token). The 256 specials are added tokens. Text with a
+    whitespace or non-whitespace run longer than MAX_RUN_CHARS is the one difference: the fast
+    tokenizer does not cut such runs (tests check parity on ordinary text and code).
+    """
+    from openk2.tokenizer.train import bytes_to_unicode
+
+    byte_char = bytes_to_unicode()
+
+    def chars(b: bytes) -> str:
+        return "".join(byte_char[x] for x in b)
+
+    ranks = tok.mergeable_ranks
+    merges = []
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = ranks.get(token[:cut]), ranks.get(token[cut:])
+            if left is not None and right is not None and left < rank and right < rank:
+                merges.append((rank, left, right, chars(token[:cut]), chars(token[cut:])))
+    merges.sort()
+    added = [
+        {"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False}
+        | {"normalized": False, "special": True}
+        for name, i in sorted(tok.special_ids.items(), key=lambda kv: kv[1])
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": {chars(t): r for t, r in sorted(ranks.items(), key=lambda kv: kv[1])},
+            "merges": [[a, b] for *_, a, b in merges],
+        },
+    }
 
 
 class IncrementalDecoder:
