@@ -69,6 +69,8 @@ def check(expect: dict, content: str, calls: list[dict], early: str | None = Non
         assert s not in content
     if early is not None and "released_before_finish" in expect:
         assert early == expect["released_before_finish"]
+    if "calls" not in expect:  # the peer only checks that parsing does not fail
+        return
     assert [c["name"] for c in calls] == [c["name"] for c in expect["calls"]]
     for got, want in zip(calls, expect["calls"]):
         if "args" in want:
@@ -128,4 +130,4 @@ def test_case_file_is_consistent():
             assert "peer_expect" not in c
         if "peer_expect" in c:
             assert c["kind"] == "policy" and c["why"]
-    assert sum(c["kind"] == "wire" for c in CASES) >= 50
+    assert sum(c["kind"] == "wire" for c in CASES) >= 70
