@@ -68,8 +68,12 @@ def test_autotokenizer_ids_are_openk2_ids(fp8_export, tok):
         == json.loads((fp8_export / "config.json").read_text())["max_position_embeddings"]
     )
     messages = [{"role": "user", "content": "Weather in 北京?"}]
-    rendered = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    assert rendered == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    for t in (None, tools):
+        rendered = hf.apply_chat_template(messages, tools=t, add_generation_prompt=True, tokenize=False)
+        assert rendered == tok.apply_chat_template(
+            messages, tools=t, add_generation_prompt=True, tokenize=False
+        )
 
 
 def test_fp8_export_loads_and_generates_in_transformers(fp8_export, model):
