@@ -101,26 +101,19 @@ class Delta:
         return {"tool_calls": [{"index": self.index, "function": {"arguments": self.arguments or ""}}]}
 
 
-def name_from_id(call_id: str) -> tuple[str, bool]:
-    """`functions.NAME:IDX` -> (NAME, True); anything else -> (best guess, False)."""
-    m = _ID_RE.fullmatch(call_id)
-    if m:
-        return m.group(1), True
-    guess = re.sub(r":\d+$", "", call_id)
-    return guess.removeprefix("functions."), False
-
-
 def resolve_name(call_id: str, offered: set[str] | None) -> tuple[str | None, str | None]:
     """The tool name a call id stands for, or (None, why) when the call must be dropped.
 
-    `functions.NAME:IDX` and `NAME:IDX` give NAME; a bare counter (`3`) gives the only offered
-    tool when exactly one is offered; anything else (`weird@id`, `functions.x.0`) gives None.
-    The second value is a note for `errors` (None when the id is K2's own form).
+    `functions.NAME:IDX` and `NAME:IDX` give NAME (dots and dashes kept); a bare counter (`3`)
+    gives the only offered tool when exactly one is offered; anything else (`weird@id`,
+    `functions.x.0`, an empty name) gives None. The second value is a note for `errors` (None
+    when the id is K2's own form).
     """
-    if _ID_RE.fullmatch(call_id):
-        return name_from_id(call_id)[0], None
+    m = _ID_RE.fullmatch(call_id)
+    if m:
+        return m.group(1), None
     m = _SHORT_ID_RE.fullmatch(call_id)
-    if m and m.group(1).strip():
+    if m and m.group(1).removeprefix("functions.").strip():
         return m.group(1).removeprefix("functions."), f"id {call_id!r} is not of the form functions.NAME:IDX"
     if _BARE_COUNTER_RE.fullmatch(call_id) and offered is not None and len(offered) == 1:
         (only,) = offered
