@@ -119,4 +119,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}: {', '.join(files)}")
     max_len = json.loads((out / "config.json").read_text())["max_position_embeddings"]
     print(SERVE_HINT.format(out=out, name=out.name, max_len=max_len))
+    if args.model_type == "kimi_k2":
+        print("model_type kimi_k2: engines also need K2's modelling files in OUT and --trust-remote-code.")
     return 0
