@@ -385,9 +385,17 @@ def test_messages_are_normalised_before_rendering():
     assert [c["id"] for c in out[2]["tool_calls"]] == ["functions.search:0", "functions.get_weather:7"]
     assert [m["tool_call_id"] for m in out[3:]] == ["functions.search:0", "functions.get_weather:7"]
     assert n_calls == 2
+    # a result without an id answers the oldest open call, as the template reads it
+    unnamed = [*messages[:3], {"role": "tool", "content": "r0"}, {"role": "tool", "content": "r1"}]
+    assert normalize_messages(unnamed)[1] == 2
     for bad, param in [
         ([{"role": "tool", "tool_call_id": "x", "content": ""}], "messages[0].tool_call_id"),
         ([{"role": "user", "content": "q"}, {"role": "tool", "content": ""}], "messages[1].tool_call_id"),
+        (
+            [*messages[:4], {"role": "tool", "content": ""}, {"role": "tool", "content": ""}],
+            "messages[5].tool_call_id",
+        ),
+        ([{"role": "tool", "tool_call_id": 5, "content": ""}], "messages[0].tool_call_id"),
         ([{"role": "assistant", "tool_calls": [{"function": {}}]}], "messages[0].tool_calls[0]"),
         ([{"role": "assistant", "tool_calls": "no"}], "messages[0].tool_calls"),
         (["hi"], "messages[0]"),

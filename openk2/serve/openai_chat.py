@@ -20,8 +20,10 @@ Semantics chosen where the OpenAI API leaves room:
     and with `auto` any call after the first is dropped from the reply (and from the stream);
   * historical tool-call ids in other formats (`search:0`, `call_abc`) are rewritten to K2's
     `functions.NAME:IDX` (IDX counts calls across the conversation) before rendering, together with
-    the `tool_call_id` of the results that answer them, because K2 was trained on that form;
-  * a `tool` message must answer a call made earlier in the conversation.
+    the `tool_call_id` of the results that answer them, because K2 was trained on that form (the
+    template's `normalize_tool_call_ids` does the rewriting);
+  * a `tool` message must answer a call made earlier in the conversation (without a tool_call_id:
+    the oldest call not yet answered, as the template reads it).
 """
 
 from __future__ import annotations
@@ -37,11 +39,10 @@ from openk2.serve.cache import ContextLengthError
 from openk2.serve.constrained import MAX_FORCED_CALLS
 from openk2.serve.engine import Engine
 from openk2.serve.sampling import K2_DEFAULT_TEMPERATURE, InvalidSamplingParam, SamplingParams
-from openk2.tokenizer.chat import encode_chat
+from openk2.tokenizer.chat import encode_chat, normalize_tool_call_ids
 from openk2.tokenizer.toolcalls import StreamingToolCallParser, assistant_message, parse_tool_calls
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-K2_CALL_ID = re.compile(r"functions\.(.+):(\d+)", re.DOTALL)
 ROLES = ("system", "developer", "user", "assistant", "tool")
 _WHERE = re.compile(r"^(messages\[\d+\](?:\.tool_calls\[\d+\])?)")
 
@@ -213,30 +214,24 @@ def include_usage(body: dict) -> bool:
 def normalize_messages(messages: Any) -> tuple[list[dict], int]:
     """Validated copies of the messages, ready for the chat template, and the number of earlier calls.
 
-    `developer` becomes `system`; every historical tool-call id that is not K2's `functions.NAME:IDX`
-    for its own function is rewritten to that form (IDX = the call's position in the conversation),
-    and tool results follow their call's new id; a tool result that answers no earlier call is an
-    error."""
+    `developer` becomes `system`; historical tool-call ids are rewritten by the template's
+    `normalize_tool_call_ids` (to K2's `functions.NAME:IDX`), and a tool result must answer a call
+    made before it: by its (rewritten) id, or, without an id, the oldest call not yet answered."""
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", "messages")
-    out: list[dict] = []
-    renamed: dict[str, str] = {}  # id as sent -> id rendered
-    n_calls = 0
+    checked: list[dict] = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise RequestError(f"{where} must be an object", where)
         role = m.get("role")
         if role not in ROLES:
-            raise RequestError(
-                f"{where}.role must be one of {', '.join(ROLES)}, got {role!r:.40}", f"{where}.role"
-            )
-        m = dict(m, role="system") if role == "developer" else dict(m)
+            message = f"{where}.role must be one of {', '.join(ROLES)}, got {role!r:.40}"
+            raise RequestError(message, f"{where}.role")
         if role == "assistant" and m.get("tool_calls") is not None:
             calls = m["tool_calls"]
             if not isinstance(calls, list):
                 raise RequestError(f"{where}.tool_calls must be a list", f"{where}.tool_calls")
-            fixed = []
             for j, call in enumerate(calls):
                 fn = call.get("function") if isinstance(call, dict) else None
                 name = fn.get("name") if isinstance(fn, dict) else None
@@ -245,29 +240,30 @@ def normalize_messages(messages: Any) -> tuple[list[dict], int]:
                         f"{where}.tool_calls[{j}] must be {{'function': {{'name': ..., 'arguments': ...}}}}"
                     )
                     raise RequestError(message, f"{where}.tool_calls[{j}]")
-                sent = call.get("id")
-                if sent is not None and not isinstance(sent, str):
-                    raise RequestError(
-                        f"{where}.tool_calls[{j}].id must be a string", f"{where}.tool_calls[{j}].id"
-                    )
-                match = K2_CALL_ID.fullmatch(sent or "")
-                new_id = sent if match and match.group(1) == name else f"functions.{name}:{n_calls}"
-                if sent:
-                    renamed[sent] = new_id
-                renamed[new_id] = new_id
-                fixed.append({**call, "id": new_id})
-                n_calls += 1
-            m["tool_calls"] = fixed
-        elif role == "tool":
+                if call.get("id") is not None and not isinstance(call["id"], str):
+                    param = f"{where}.tool_calls[{j}].id"
+                    raise RequestError(f"{param} must be a string", param)
+        if role == "tool" and m.get("tool_call_id") is not None and not isinstance(m["tool_call_id"], str):
+            raise RequestError(f"{where}.tool_call_id must be a string", f"{where}.tool_call_id")
+        checked.append(dict(m, role="system") if role == "developer" else m)
+    out = normalize_tool_call_ids(checked)
+    made: set[str] = set()
+    open_calls: list[str] = []  # made and not yet answered, oldest first
+    for i, m in enumerate(out):
+        if m["role"] == "assistant":
+            ids = [c["id"] for c in m.get("tool_calls") or []]
+            made.update(ids)
+            open_calls += ids
+        elif m["role"] == "tool":
             call_id = m.get("tool_call_id")
-            if not isinstance(call_id, str) or not call_id:
-                raise RequestError(f"{where} needs a 'tool_call_id' string", f"{where}.tool_call_id")
-            if call_id not in renamed:
-                message = f"{where}.tool_call_id {call_id!r:.80} answers no earlier tool call"
-                raise RequestError(message, f"{where}.tool_call_id")
-            m["tool_call_id"] = renamed[call_id]
-        out.append(m)
-    return out, n_calls
+            answered = call_id if call_id else (open_calls[0] if open_calls else None)
+            if answered is None or answered not in made:
+                shown = messages[i].get("tool_call_id")
+                message = f"messages[{i}] (tool_call_id {shown!r:.80}) answers no tool call made before it"
+                raise RequestError(message, f"messages[{i}].tool_call_id")
+            if answered in open_calls:
+                open_calls.remove(answered)
+    return out, sum(len(m.get("tool_calls") or []) for m in out if m["role"] == "assistant")
 
 
 # ---------------------------------------------------------------------------------------------- the plan
