@@ -85,7 +85,10 @@ def test_conformance_against_own_server_constrained_on_and_off(ckpt, tmp_path):
     print("constrained (own server):", json.dumps({k: v for k, v in m.items() if k != "trigger_confusion"}))
     assert m["errors"] == 0 and m["forced_calls"] >= 13
     assert m["schema_accuracy"] == 1.0 and m["schema_accuracy_forced"] == 1.0
-    assert m["tool_choice_compliance"] == 1.0 and m["truncated_responses"] == 0
+    assert m["tool_choice_compliance"] == 1.0
+    # Every forced call closed its section within the budget. (Free text under tool_choice "none" may
+    # run to max_tokens: whether a random model ever writes <|im_end|> depends on the prompt's bytes.)
+    assert not any(r["truncated"] for r in on["records"] if r["forced"])
     assert m["stream_agreement"] == 1.0
 
     # Off: the same server with `--no-constrained-tools`; the figure is whatever the model does
