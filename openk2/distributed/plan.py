@@ -14,7 +14,7 @@ Memory per GPU (the busiest pipeline stage: the most layers, plus the embedding 
   SwiGLU, everything inside MLA), + FP8 storage of the routed experts' inputs, + CPU offload (only
   the micro-batch being worked on stays on the GPU; two, for double buffering).
 
-Step time: model FLOPs (6 x activated parameters + attention, `openk2.info`) plus recomputation, at an
+Step time: model FLOPs (6 x activated parameters + attention, `openk2.model.size`) plus recomputation, at an
 assumed matmul efficiency of the GPU's dense bf16 peak, stretched by the pipeline bubble; expert
 all-to-all and ZeRO collectives at the assumed link bandwidths, reported both as overlapped (K2 hides
 the all-to-all under compute) and exposed. MFU = model FLOPs / (step time x peak).
@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass, field
 
 from openk2.config import ModelConfig
-from openk2.info import count_parameters, flops_per_token
+from openk2.model.size import count_parameters, flops_per_token
 
 GPUS = {  # dense bf16 peak TFLOPS, HBM GB, NVLink GB/s per GPU (one direction), network GB/s per GPU
     "h800": dict(tflops=989.0, hbm_gb=80.0, nvlink_gbs=200.0, net_gbs=50.0),
