@@ -1,6 +1,6 @@
 """Layers point down: every import in openk2/ (module level or inside a function) goes to the
 importer's own layer or a lower one, and no two packages import each other, directly or around a
-longer loop. docs/architecture.md draws the layers; `LAYERS` below is the rule this test enforces.
+longer loop. `LAYERS` below is the layer order (lowest first) that this test enforces.
 
 The imports are read with `ast`, so nothing is imported and the test takes well under a second.
 """
