@@ -132,7 +132,7 @@ def test_segment_ids_isolate_packed_documents():
 def test_latent_cache_decode_equals_training_forward(fold):
     """The inference path (`LatentForward`: absorbed attention against a cache of c_kv + k_rope only,
     W_uk/W_uv folded or not) gives the training forward's logits: a prefill of right-padded prompts
-    of two lengths, then decode steps that each read the rows written so far."""
+    of two lengths, then decode steps that each read the rows written so far, batched and alone."""
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset("tiny")
     model = Transformer(cfg).eval()
@@ -155,6 +155,10 @@ def test_latent_cache_decode_equals_training_forward(fold):
             kv[:, [0, 1], pos] = entries
             torch.testing.assert_close(logits, want[[0, 1], pos], atol=1e-4, rtol=1e-4)
             pos += 1
+        # one sequence alone (its MoE layers loop over the token's experts on the host)
+        allowed = torch.arange(11)[None, :] < pos[:1, None]
+        logits, _ = latent.step(ids[:1, 11], pos[:1], allowed, kv[:, :1, :11])
+        torch.testing.assert_close(logits, want[:1, 11], atol=1e-4, rtol=1e-4)
     assert kv.shape[-1] == 32 + 8  # kv_lora_rank + qk_rope_head_dim per token and layer
 
 
