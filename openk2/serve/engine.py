@@ -7,9 +7,9 @@ One loop, one thread owns the model and the cache. Each `step()`:
   3. runs one decode step for every running sequence: one new token each, whatever its length;
   4. retires finished sequences (stop token, stop string, max_tokens, abort), which frees their slots.
 
-The cached forward (forward.py) runs the model's weights against the latent cache, pre-absorbed for
-inference: per block, project -> write the cache rows -> attend to the slot's rows -> MLP / MoE.
-Requests come in from any thread (`submit`, `abort`), results go out
+The model's `LatentForward` runs prefill and decode against the latent cache (per block: project ->
+write the cache rows -> attend to the slot's rows -> MLP / MoE); forward.py places its rows in the
+cache slots. Requests come in from any thread (`submit`, `abort`), results go out
 through callbacks; `generate` is the synchronous batch API (RL rollouts, data synthesis) and `stream`
 the asyncio one (the HTTP server).
 """
