@@ -105,7 +105,7 @@ def _tool_choice(value: Any, tools: list[dict] | None) -> str | None:
         return value
     if isinstance(value, dict) and isinstance(value.get("function"), dict):
         name = value["function"].get("name")
-        if not tools or name not in {t["function"]["name"] for t in tools}:
+        if not isinstance(name, str) or not tools or name not in {t["function"]["name"] for t in tools}:
             raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
         return name
     raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or a named function", "tool_choice")
