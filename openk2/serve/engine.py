@@ -651,7 +651,10 @@ class Engine:
         """flush=False when a stop string ended it: the held text is the stop string, not output."""
         tail = ""
         if flush and reason != "error":  # a failed sequence's decoder state may be what failed
-            tail = self._flush_text(s)
+            try:
+                tail = self._flush_text(s)
+            except Exception:
+                log.exception("request %s: flushing its text failed", s.req.id)
         s.out.text += tail
         s.out.finish_reason = reason
         self._notify(s.req, StreamEvent(s.index, [], tail, [], reason))
