@@ -1,28 +1,31 @@
 """Run untrusted code (model answers, tool commands) in a real subprocess that cannot hurt the host.
 
 Why each piece exists:
-- A launcher (this file run as a script, stdlib only) does the privileged setup between fork and exec
-  so the parent never needs `preexec_fn`, which is unsafe once threads exist (evaluation runs in a
-  thread pool).
-- Namespaces (when we are root): a fresh network namespace whose only interface, loopback, is down,
-  so even 127.0.0.1 is unreachable; a PID namespace whose init reaps orphans and whose death takes
-  every leftover process with it; a private mount namespace where every mount is read-only except
-  the workspace, mounted at /tmp/workspace; /root, /home, /work and /tmp are hidden behind empty tmpfs
-  (the Python prefix is bound back so the interpreter still runs).
-- A per-run unprivileged uid: root ignores RLIMIT_NPROC, a fresh uid does not, so a fork bomb stops
+- A launcher (this file run as a script, stdlib only) does the privileged setup between fork and exec,
+  so the parent never needs `preexec_fn`, which is unsafe once threads exist.
+- Namespaces (we must be root): a fresh network namespace whose only interface, loopback, is down, so
+  TCP, UDP, DNS and abstract Unix sockets (scoped per network namespace) reach nothing; a PID namespace
+  whose init reaps orphans and whose death takes every leftover process with it; a private mount
+  namespace where every mount is read-only except the workspace, which appears at /tmp/workspace, and
+  /root, /home, /work, /tmp, /run, /var/tmp and /dev/shm are hidden behind empty tmpfs (the Python
+  prefix is bound back so the interpreter still runs).
+- A seccomp filter refuses socket(AF_UNIX) (a path socket somewhere still visible cannot be reached),
+  io_uring (it can open sockets without the socket syscall), new namespaces, ptrace, bpf, perf events
+  and the kernel keyring.
+- The workspace's unprivileged uid: root ignores RLIMIT_NPROC, a fresh uid does not, so a fork bomb stops
   at `max_processes`; dropping root also drops every capability, so the code cannot undo the mounts,
-  and every process the run left behind can be found by uid and killed.
-- rlimits for CPU seconds, address space and file size; a wall clock enforced by the parent, which
-  kills the whole session and then every process still owned by the run's uid.
-- Fallback when namespaces are not permitted (not root, or a kernel without them): Python audit hooks
-  in the child refuse sockets, writes outside the workspace, process creation and ctypes. That guard is
-  weaker (native extensions can bypass it) and `network_isolation()` says which one is in force.
+  and cannot signal or read the parent.
+- rlimits for CPU seconds, address space, file size and open files; a wall clock enforced by the
+  parent, which kills the launcher's process group (and so the PID namespace) when it runs out.
+
+Where namespaces are not permitted (not root, or a kernel without them) there is no isolation at all:
+only the rlimits apply. Running untrusted code then needs an explicit opt-in (`allow_unisolated=True`
+or OPENK2_ALLOW_UNISOLATED=1) and prints a warning; without it `IsolationUnavailable` is raised.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import os
 import selectors
@@ -30,21 +33,24 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 SETUP_FAILED = 125  # launcher exit status when the sandbox itself could not be set up
 SETUP_MARKER = "openk2-sandbox-setup:"
-HIDDEN_DIRS = ("/root", "/home", "/work", "/tmp")
+HIDDEN_DIRS = ("/root", "/home", "/work", "/tmp", "/run", "/var/tmp", "/dev/shm", "/mnt", "/media", "/srv")
 WORKDIR = "/tmp/workspace"  # where the workspace appears inside the mount namespace
 UID_BASE = 200_000
+UNISOLATED_ENV = "OPENK2_ALLOW_UNISOLATED"
 
 
 class SandboxError(RuntimeError):
     """The sandbox could not be set up (a host problem, not a problem of the code being run)."""
+
+
+class IsolationUnavailable(SandboxError):
+    """Kernel isolation is not available here and running unisolated was not explicitly allowed."""
 
 
 @dataclass(frozen=True)
@@ -83,39 +89,50 @@ class SandboxResult:
 
 @functools.lru_cache(maxsize=1)
 def _isolation_mode() -> str:
-    """'namespaces' if the launcher can unshare net+mount and drop to another uid, else 'audit-hook'."""
+    """'namespaces' if the launcher can unshare net+mount+pid, install seccomp and drop root; else 'none'."""
     if os.geteuid() != 0:
-        return "audit-hook"
-    spec = {"probe": True}
+        return "none"
     proc = subprocess.run(
-        [sys.executable, "-I", "-S", __file__, json.dumps(spec)], capture_output=True, text=True, timeout=30
+        [sys.executable, "-I", "-S", __file__, json.dumps({"probe": True})],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
-    return "namespaces" if proc.returncode == 0 else "audit-hook"
+    return "namespaces" if proc.returncode == 0 else "none"
 
 
-def network_isolation() -> str:
-    """How network access is blocked for sandboxed code: 'netns' (empty network namespace, a kernel
-    guarantee) or 'audit-hook' (Python-level guard; bypassable by native code)."""
-    return "netns" if _isolation_mode() == "namespaces" else "audit-hook"
+def isolation() -> str:
+    """What isolates sandboxed code here: 'namespaces' (net, mount and PID namespaces, seccomp, another
+    uid) or 'none' (rlimits only; running then needs an explicit opt-in)."""
+    return _isolation_mode()
 
 
-def file_isolation() -> str:
-    """How writes outside the workspace are blocked: 'readonly-mounts' or 'audit-hook'."""
-    return "readonly-mounts" if _isolation_mode() == "namespaces" else "audit-hook"
+_warned = False
 
 
-_uid_counter = itertools.count()
-_uid_lock = threading.Lock()
+def require_isolation(allow_unisolated: bool = False) -> str:
+    """The isolation mode, or IsolationUnavailable when there is none and no explicit opt-in."""
+    global _warned
+    mode = _isolation_mode()
+    if mode == "namespaces":
+        return mode
+    if not (allow_unisolated or os.environ.get(UNISOLATED_ENV) == "1"):
+        raise IsolationUnavailable(
+            "kernel isolation (namespaces, needs root) is unavailable here; untrusted code would run "
+            f"with the host's rights. Set {UNISOLATED_ENV}=1 to run it anyway."
+        )
+    if not _warned:
+        _warned = True
+        print(
+            "WARNING: openk2 is running untrusted code WITHOUT isolation (no namespaces): it can read and "
+            "write your files and reach the network. Only rlimits apply.",
+            file=sys.stderr,
+        )
+    return mode
 
 
-def _next_uid() -> int:
-    """A uid no other live run of this process uses; pids spread concurrent processes apart."""
-    with _uid_lock:
-        n = next(_uid_counter)
-    return UID_BASE + (os.getpid() % 4096) * 256 + n % 256
-
-
-def _pids_of_uid(uid: int) -> list[int]:
+def pids_of_uid(uid: int) -> list[int]:
+    """Live (not zombie) processes owned by uid."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -132,10 +149,10 @@ def _pids_of_uid(uid: int) -> list[int]:
     return pids
 
 
-def _kill_uid(uid: int) -> None:
-    """Kill every live process owned by the run's uid (escaped daemons, fork-bomb leftovers)."""
+def kill_uid(uid: int) -> None:
+    """Kill every live process owned by uid (what a session left behind)."""
     for _ in range(100):
-        pids = _pids_of_uid(uid)
+        pids = pids_of_uid(uid)
         if not pids:
             return
         for pid in pids:
@@ -146,14 +163,17 @@ def _kill_uid(uid: int) -> None:
         time.sleep(0.01)
 
 
-def _scrubbed_env(workspace: Path, extra: dict[str, str] | None) -> dict[str, str]:
+def scrubbed_env(workdir: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of sandboxed code: nothing of the parent's (no secrets) is inherited."""
     env = {
         "PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(workspace),
-        "TMPDIR": str(workspace),
+        "HOME": workdir,
+        "TMPDIR": workdir,
         "LANG": "C.UTF-8",
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYTHONUNBUFFERED": "1",
+        "MPLBACKEND": "Agg",
+        "MPLCONFIGDIR": f"{workdir}/.matplotlib",
         "OMP_NUM_THREADS": "1",
         "OPENBLAS_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
@@ -162,7 +182,7 @@ def _scrubbed_env(workspace: Path, extra: dict[str, str] | None) -> dict[str, st
     return env
 
 
-def _reason(returncode: int, stderr: str, timed_out: bool) -> str | None:
+def reason_of(returncode: int, stderr: str, timed_out: bool) -> str | None:
     if timed_out:
         return "wall_timeout"
     if returncode == 0:
@@ -178,90 +198,74 @@ def _reason(returncode: int, stderr: str, timed_out: bool) -> str | None:
     return "nonzero_exit"
 
 
-def run_command(
+def launch(
     argv: list[str],
     *,
-    limits: SandboxLimits = SandboxLimits(),
-    workspace: Path | None = None,
-    stdin: str | None = None,
+    workspace_fd: int,
+    host_path: str,
+    uid: int,
+    limits: SandboxLimits,
     env: dict[str, str] | None = None,
-    files: dict[str, str] | None = None,
-) -> SandboxResult:
-    """Run argv (argv[0] looked up on the sandbox PATH) with the workspace as cwd.
-
-    `files` are written into the workspace first. A temporary workspace is removed afterwards; a
-    given one is kept (and handed to the run's uid)."""
+    allow_unisolated: bool = False,
+) -> subprocess.Popen:
+    """Start argv in the sandbox with the workspace (given by an open directory fd) as cwd; stdin,
+    stdout and stderr are pipes. The caller owns the process: read, write, then `stop(proc)`."""
     if not argv or not all(isinstance(a, str) for a in argv):
         raise ValueError(f"argv must be a non-empty list of strings, got {argv!r}")
-    own_workspace = workspace is None
-    ws = Path(tempfile.mkdtemp(prefix="openk2-sbx-")) if own_workspace else Path(workspace).resolve()
-    if not ws.is_dir():
-        raise ValueError(f"workspace {ws} is not a directory")
-    uid = _next_uid()
-    mode = _isolation_mode()
-    try:
-        for name, text in (files or {}).items():
-            path = (ws / name).resolve()
-            if not path.is_relative_to(ws):
-                raise ValueError(f"file {name!r} would land outside the workspace")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-        stdin_path = ws / ".stdin"
-        stdin_path.write_text(stdin or "")
-        workdir = Path(WORKDIR) if mode == "namespaces" else ws
-        program = shutil.which(argv[0], path=_scrubbed_env(workdir, env)["PATH"]) or argv[0]
-        spec = {
-            "argv": [program, *argv[1:]],
-            "env": _scrubbed_env(workdir, env),
-            "workspace": str(ws),
-            "workdir": str(workdir),
-            "uid": uid,
-            "limits": asdict(limits),
-            "mode": mode,
-            "hide": [d for d in HIDDEN_DIRS if os.path.isdir(d)],
-            "keep": [os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)],
-        }
-        with open(stdin_path, "rb") as stdin_file:
-            return _supervise(spec, stdin_file, limits, uid if mode == "namespaces" else None)
-    finally:
-        if mode == "namespaces":
-            _kill_uid(uid)
-        if own_workspace:
-            shutil.rmtree(ws, ignore_errors=True)
-        else:
-            (ws / ".stdin").unlink(missing_ok=True)
-
-
-def run_python(
-    code: str,
-    *,
-    limits: SandboxLimits = SandboxLimits(),
-    workspace: Path | None = None,
-    stdin: str | None = None,
-    env: dict[str, str] | None = None,
-    files: dict[str, str] | None = None,
-) -> SandboxResult:
-    """Run Python source as `python -I main.py` inside the sandbox."""
-    if not isinstance(code, str):
-        raise TypeError(f"code must be str, got {type(code).__name__}")
-    files = {**(files or {}), "main.py": code}
-    argv = [sys.executable, "-I", "-B", "main.py"]
-    if _isolation_mode() != "namespaces":
-        argv = [sys.executable, "-I", "-B", "-c", _AUDIT_GUARD, "main.py"]
-    return run_command(argv, limits=limits, workspace=workspace, stdin=stdin, env=env, files=files)
-
-
-def _supervise(spec: dict, stdin_file, limits: SandboxLimits, uid: int | None) -> SandboxResult:
-    """Start the launcher, collect bounded output, enforce the wall clock, kill what is left."""
-    start = time.monotonic()
-    proc = subprocess.Popen(
+    mode = require_isolation(allow_unisolated)
+    workdir = WORKDIR if mode == "namespaces" else host_path
+    full_env = scrubbed_env(workdir, env)
+    program = shutil.which(argv[0], path=full_env["PATH"]) or argv[0]
+    spec = {
+        "argv": [program, *argv[1:]],
+        "env": full_env,
+        "workspace_fd": workspace_fd,
+        "host_path": host_path,
+        "workdir": workdir,
+        "uid": uid,
+        "limits": asdict(limits),
+        "mode": mode,
+        "hide": [d for d in HIDDEN_DIRS if os.path.isdir(d) and not os.path.islink(d)],
+        "keep": [os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)],
+    }
+    return subprocess.Popen(
         [sys.executable, "-I", "-S", __file__, json.dumps(spec)],
-        stdin=stdin_file,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
         close_fds=True,
+        pass_fds=(workspace_fd,),
     )
+
+
+def stop(proc: subprocess.Popen) -> int:
+    """Kill the launcher's process group (launcher and the namespace's init: the kernel then kills every
+    process in the PID namespace) and reap it; returns its exit status."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return proc.wait()
+
+
+def supervise(proc: subprocess.Popen, stdin: bytes, limits: SandboxLimits) -> SandboxResult:
+    """Feed stdin through the pipe, collect bounded output, enforce the wall clock, kill what is left."""
+    start = time.monotonic()
+
+    def feed():
+        try:
+            proc.stdin.write(stdin)
+        except (BrokenPipeError, OSError):
+            pass
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
     buffers = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     sel = selectors.DefaultSelector()
     for stream in buffers:
@@ -277,7 +281,7 @@ def _supervise(spec: dict, stdin_file, limits: SandboxLimits, uid: int | None) -
         if exited_at is None and proc.poll() is not None:
             exited_at = now
         if exited_at is not None and now - exited_at > 0.5:
-            break  # the main process is gone; a leftover holding the pipes open is killed below
+            break
         for key, _ in sel.select(timeout=0.05):
             chunk = os.read(key.fd, 65536)
             if not chunk:
@@ -285,22 +289,19 @@ def _supervise(spec: dict, stdin_file, limits: SandboxLimits, uid: int | None) -
                 continue
             buf = buffers[key.fileobj]
             buf += chunk[: max(0, limits.max_output_bytes - len(buf))]
-    if uid is not None:
-        _kill_uid(uid)  # kills the namespace's PID 1 (and so all of it); the launcher then reaps it
-    try:
-        returncode = proc.wait(timeout=5 if uid is not None else 0.01)
-    except subprocess.TimeoutExpired:
-        returncode = None
-    if returncode is None:
+    if proc.poll() is None and not timed_out:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+            proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
             pass
-        returncode = proc.wait()
+    returncode = proc.poll()
+    stop(proc)
+    if returncode is None:
+        returncode = proc.returncode
     sel.close()
     for stream in buffers:
         stream.close()
-    duration = time.monotonic() - start
+    feeder.join(timeout=1)
     stdout = buffers[proc.stdout].decode("utf-8", "replace")
     stderr = buffers[proc.stderr].decode("utf-8", "replace")
     if returncode == SETUP_FAILED and stderr.startswith(SETUP_MARKER):
@@ -310,50 +311,102 @@ def _supervise(spec: dict, stdin_file, limits: SandboxLimits, uid: int | None) -
         stdout=stdout,
         stderr=stderr,
         timed_out=timed_out,
-        reason=_reason(returncode, stderr, timed_out),
-        duration_s=duration,
+        reason=reason_of(returncode, stderr, timed_out),
+        duration_s=time.monotonic() - start,
     )
-
-
-# Fallback guard, run in the child before the program when namespaces are unavailable.
-_AUDIT_GUARD = r"""
-import os, sys
-_ws = os.path.realpath(os.getcwd())
-_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-_DENY = {"socket.__new__", "socket.connect", "socket.bind", "socket.sendto", "socket.getaddrinfo",
-         "os.fork", "os.forkpty", "os.posix_spawn", "os.exec", "os.system", "subprocess.Popen",
-         "os.kill", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.cdata", "os.chdir"}
-_PATHS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
-          "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move"}
-def _inside(p):
-    if isinstance(p, int):
-        return True
-    p = os.path.realpath(os.fsdecode(p))
-    return p == _ws or p.startswith(_ws + os.sep) or p == os.devnull
-def _hook(event, args):
-    if event in _DENY:
-        raise PermissionError(f"sandbox: {event} is not allowed")
-    if event == "open":
-        path, mode, flags = args
-        writing = (mode is not None and any(c in str(mode) for c in "wax+")) or (flags or 0) & _WRITE
-        if writing and path is not None and not _inside(path):
-            raise PermissionError(f"sandbox: write outside the workspace: {path}")
-    elif event in _PATHS and not all(_inside(a) for a in args[:2] if isinstance(a, (str, bytes))):
-        raise PermissionError(f"sandbox: {event} outside the workspace")
-sys.addaudithook(_hook)
-import runpy
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 # ----------------------------------------------------------------------------------------------------
 # Launcher side: runs as root between the parent and the untrusted program. Stdlib only.
 
-CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWPID = 0x00020000, 0x40000000, 0x20000000
+CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWUSER = 0x00020000, 0x40000000, 0x20000000, 0x10000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-PR_SET_NO_NEW_PRIVS = 38
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+AF_UNIX = 1
+
+# Syscall numbers by machine: the ones refused outright, clone (flags checked), socket (domain checked).
+# x86_64: ptrace 101, add_key 248, request_key 249, keyctl 250, unshare 272, perf_event_open 298,
+# setns 308, bpf 321, userfaultfd 323, io_uring_setup/enter/register 425-427, clone 56, clone3 435,
+# socket 41. aarch64 uses the generic table.
+SECCOMP_TABLES = {
+    "x86_64": {
+        "arch": 0xC000003E,
+        "deny": [101, 248, 249, 250, 272, 298, 308, 321, 323, 425, 426, 427],
+        "clone": 56,
+        "clone3": 435,
+        "socket": 41,
+        "x32": True,
+    },
+    "aarch64": {
+        "arch": 0xC00000B7,
+        "deny": [117, 217, 218, 219, 97, 241, 268, 280, 282, 425, 426, 427],
+        "clone": 220,
+        "clone3": 435,
+        "socket": 198,
+        "x32": False,
+    },
+}
+
+
+def _seccomp_program(table: dict) -> list[tuple[int, int, int, int]]:
+    """A classic-BPF seccomp filter as (code, jt, jf, k) instructions."""
+    ld_w_abs, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill = 0x7FFF0000, 0x80000000
+    eperm, enosys = 0x00050000 | 1, 0x00050000 | 38
+    deny = table["deny"]
+    prog: list[tuple[int, int, int, int]] = [(ld_w_abs, 0, 0, 4)]  # arch
+    prog.append((jeq, 1, 0, table["arch"]))
+    prog.append((ret, 0, 0, kill))
+    prog.append((ld_w_abs, 0, 0, 0))  # syscall number
+    if table["x32"]:
+        prog.append((jge, 0, 1, 0x40000000))
+        prog.append((ret, 0, 0, eperm))
+    for nr in deny:
+        prog.append((jeq, 0, 1, nr))
+        prog.append((ret, 0, 0, eperm))
+    prog.append((jeq, 0, 1, table["clone3"]))  # glibc falls back to clone, whose flags we can read
+    prog.append((ret, 0, 0, enosys))
+    prog.append((jeq, 0, 4, table["clone"]))
+    prog.append((ld_w_abs, 0, 0, 16))  # args[0], low 32 bits: clone flags
+    prog.append((jset, 0, 1, CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID))
+    prog.append((ret, 0, 0, eperm))
+    prog.append((ret, 0, 0, allow))
+    prog.append((jeq, 0, 3, table["socket"]))
+    prog.append((ld_w_abs, 0, 0, 16))  # args[0]: the address family
+    prog.append((jeq, 0, 1, AF_UNIX))
+    prog.append((ret, 0, 0, eperm))
+    prog.append((ret, 0, 0, allow))
+    return prog
+
+
+def _install_seccomp() -> None:
+    import ctypes
+    import platform
+
+    table = SECCOMP_TABLES.get(platform.machine())
+    if table is None:
+        raise OSError(f"no seccomp syscall table for {platform.machine()}")
+    prog = _seccomp_program(table)
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_ushort),
+            ("jt", ctypes.c_ubyte),
+            ("jf", ctypes.c_ubyte),
+            ("k", ctypes.c_uint),
+        ]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    filters = (SockFilter * len(prog))(*[SockFilter(*ins) for ins in prog])
+    fprog = SockFprog(len(prog), filters)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong]
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp: {os.strerror(err)}")
 
 
 def _libc():
@@ -395,11 +448,17 @@ def _isolate(spec: dict) -> None:
     _mount(libc, ctypes, None, "/", None, MS_REC | MS_PRIVATE)
     if spec.get("probe"):
         return
-    ws = spec["workspace"]
     # Hold the directories that must stay reachable before hiding their parents.
     keep = [p for p in spec["keep"] if any(p.startswith(h + "/") for h in spec["hide"])]
     binds = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in dict.fromkeys(keep)}
-    binds[spec["workdir"]] = os.open(ws, os.O_PATH | os.O_DIRECTORY)
+    # A mount of the parent's namespace cannot be bound from here, so open the workspace by its host
+    # path (a root-only directory no sandbox sees) and check it is the very directory the parent opened.
+    ws_fd = os.open(spec["host_path"], os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
+    given, found = os.fstat(spec["workspace_fd"]), os.fstat(ws_fd)
+    if (given.st_dev, given.st_ino) != (found.st_dev, found.st_ino):
+        raise OSError(f"workspace {spec['host_path']} is not the directory the parent opened")
+    os.close(spec["workspace_fd"])
+    binds[spec["workdir"]] = ws_fd
     for hidden in spec["hide"]:
         _mount(libc, ctypes, "tmpfs", hidden, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=755")
     for path, fd in binds.items():
@@ -415,7 +474,7 @@ def _isolate(spec: dict) -> None:
         try:
             _mount(libc, ctypes, None, point, None, MS_REMOUNT | MS_BIND | flags)
         except OSError:
-            if point in ("/", "/tmp", "/dev/shm", *spec["hide"]):
+            if point in ("/", *spec["hide"]):
                 raise
 
 
@@ -432,13 +491,8 @@ def _set_limits(limits: dict) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _drop_privileges(uid: int, workspace: str) -> None:
+def _drop_privileges(uid: int) -> None:
     libc, ctypes = _libc()
-    for root, dirs, names in os.walk(workspace):
-        for name in [*dirs, *names]:
-            os.lchown(os.path.join(root, name), uid, uid)
-    os.chown(workspace, uid, uid)
-    os.chmod(workspace, 0o700)
     _check(ctypes, libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
     os.setgroups([])
     os.setresgid(uid, uid, uid)
@@ -468,7 +522,8 @@ def _init(spec: dict, status_fd: int) -> None:
         _mount(libc, ctypes, "proc", "/proc", "proc", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
         os.chdir(spec["workdir"])
         _set_limits(spec["limits"])
-        _drop_privileges(spec["uid"], spec["workdir"])
+        _drop_privileges(spec["uid"])
+        _install_seccomp()
         program = os.fork()
     except Exception as e:
         _fail_setup(e)
@@ -500,10 +555,17 @@ def _launch(spec: dict) -> None:
     if spec.get("probe") or spec["mode"] == "namespaces":
         try:
             _isolate(spec)
+            if spec.get("probe"):
+                probe = os.fork()
+                if probe == 0:  # seccomp must be installable too
+                    libc, ctypes = _libc()
+                    _check(ctypes, libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
+                    _install_seccomp()
+                    os._exit(0)
+                _, status = os.waitpid(probe, 0)
+                os._exit(0 if status == 0 else SETUP_FAILED)
         except Exception as e:
             _fail_setup(e)
-        if spec.get("probe"):
-            os._exit(0)
         read_fd, write_fd = os.pipe()
         init = os.fork()  # the first child of unshare(CLONE_NEWPID) is PID 1 of the new namespace
         if init == 0:
@@ -514,7 +576,8 @@ def _launch(spec: dict) -> None:
         reported = os.read(read_fd, 64)
         _exit_like(int(reported) if reported else status)
     try:
-        os.chdir(spec["workdir"])
+        os.fchdir(spec["workspace_fd"])
+        os.close(spec["workspace_fd"])
         _set_limits(spec["limits"])
     except Exception as e:
         _fail_setup(e)
