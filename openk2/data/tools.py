@@ -127,9 +127,17 @@ def load_tools(path: str | Path) -> list[Tool]:
 # Real tools over MCP
 
 
-def shipped_server_command(workspace: str | Path) -> list[str]:
-    """The command line of the MCP server this project ships (sandboxed python, shell, files)."""
-    return [sys.executable, "-m", "openk2.data.mcp_server", "--workspace", str(workspace)]
+def shipped_server_command(
+    workspace: str | Path | None = None, wall_seconds: float | None = None
+) -> list[str]:
+    """The command line of the MCP server this project ships (the `openk2.tools` tools: persistent
+    python, shell, files, plot). Without a workspace the server makes its own, removed on exit."""
+    cmd = [sys.executable, "-m", "openk2.data.mcp_server"]
+    if workspace is not None:
+        cmd += ["--workspace", str(workspace)]
+    if wall_seconds is not None:
+        cmd += ["--wall-seconds", str(wall_seconds)]
+    return cmd
 
 
 class MCPToolbox:

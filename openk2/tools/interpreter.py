@@ -89,8 +89,8 @@ class Interpreter:
                     "ok": False,
                     "stopped_by": why,
                     "stdout": "",
-                    "stderr": tail
-                    + f"\n[the interpreter stopped ({why}); its state is lost, the next call starts a fresh one]",
+                    "stderr": f"{tail}\n[the interpreter stopped ({why}); its state is lost, "
+                    "the next call starts a fresh one]",
                 }
             try:
                 reply = json.loads(line)

@@ -62,23 +62,36 @@ def split_relative(path: str) -> list[str]:
 class Workspace:
     """with Workspace() as ws: ws.write_text("a.txt", "hi"); ws.read_text("a.txt")"""
 
-    def __init__(self, quota_mb: int = DEFAULT_QUOTA_MB, keep: bool = False, prefix: str = "openk2-ws-"):
+    def __init__(
+        self,
+        quota_mb: int = DEFAULT_QUOTA_MB,
+        keep: bool = False,
+        prefix: str = "openk2-ws-",
+        path: str | os.PathLike | None = None,
+    ):
+        """A fresh workspace (a tmpfs of quota_mb when root), or with `path` an existing directory
+        adopted as one: no quota, never removed, and handed to the session's uid (files already in it
+        keep their owner, so the sandbox can read but not change root-owned ones)."""
         if quota_mb <= 0:
             raise ValueError(f"quota_mb must be positive, got {quota_mb}")
         self.quota_mb = quota_mb
-        self.keep = keep
+        self.keep = keep or path is not None
         self.uid = _next_uid()
         self.lock = threading.RLock()
-        self.path = Path(tempfile.mkdtemp(prefix=prefix))
         self.mounted = False
         self.closed = False
-        if os.geteuid() == 0:
-            libc, ctypes = sandbox._libc()
-            opts = f"size={quota_mb}m,mode=0700,uid={self.uid},gid={self.uid}"
-            sandbox._mount(
-                libc, ctypes, "tmpfs", str(self.path), "tmpfs", sandbox.MS_NOSUID | sandbox.MS_NODEV, opts
-            )
-            self.mounted = True
+        if path is not None:
+            self.path = Path(path).resolve()
+            if not self.path.is_dir():
+                raise ValueError(f"workspace {self.path} is not a directory")
+        else:
+            self.path = Path(tempfile.mkdtemp(prefix=prefix))
+            if os.geteuid() == 0:
+                libc, ctypes = sandbox._libc()
+                opts = f"size={quota_mb}m,mode=0700,uid={self.uid},gid={self.uid}"
+                flags = sandbox.MS_NOSUID | sandbox.MS_NODEV
+                sandbox._mount(libc, ctypes, "tmpfs", str(self.path), "tmpfs", flags, opts)
+                self.mounted = True
         self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         if not self.mounted and os.geteuid() == 0:
             os.fchown(self.fd, self.uid, self.uid)
