@@ -85,6 +85,7 @@ _setup = json.loads(_rin.readline())
 try:
     _ns = {"__name__": "checker"}
     exec(compile(_setup["prompt"], "<prompt>", "exec"), _ns)
+    _ns[_setup["entry_point"]] = candidate  # tests may call the function by its own name too
     exec(compile(_setup["test"], "<test>", "exec"), _ns)
     _ns["check"](candidate)
     _verdict = {"passed": True, "reason": None}
@@ -187,7 +188,7 @@ def check_function(
     timed_out = False
     try:
         candidate.send(json.dumps({"program": program, "entry_point": entry_point}).encode())
-        checker.send(json.dumps({"prompt": prompt, "test": test}).encode())
+        checker.send(json.dumps({"prompt": prompt, "test": test, "entry_point": entry_point}).encode())
         while verdict is None:
             line = checker.read_line(deadline)
             if line is None:

@@ -239,14 +239,34 @@ def launch(
     )
 
 
-def stop(proc: subprocess.Popen) -> int:
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is still in the process group."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def stop(proc: subprocess.Popen, timeout: float = 5.0) -> int:
     """Kill the launcher's process group (launcher and the namespace's init: the kernel then kills every
-    process in the PID namespace) and reap it; returns its exit status."""
+    process in the PID namespace), reap it, and wait until the namespace is gone (its init stays in the
+    group until every process inside has died); returns the launcher's exit status."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    return proc.wait()
+    code = proc.wait()
+    deadline = time.monotonic() + timeout
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return code
 
 
 def supervise(proc: subprocess.Popen, stdin: bytes, limits: SandboxLimits) -> SandboxResult:
