@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -219,7 +218,8 @@ def test_tcp_to_host_loopback_is_blocked():
     server.bind(("127.0.0.1", 0))
     server.listen(1)
     try:
-        code = f"import socket\nsocket.create_connection(('127.0.0.1', {server.getsockname()[1]}), 2)\nprint('connected')"
+        port = server.getsockname()[1]
+        code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), 2)\nprint('connected')"
         r = run_python(code, limits=FAST)
         assert not r.ok and "connected" not in r.stdout
         r = run_python("import socket\nsocket.create_connection(('1.1.1.1', 443), 2)", limits=FAST)
@@ -234,7 +234,8 @@ def test_dns_lookups_fail():
         "import socket\ntry:\n    socket.getaddrinfo('pypi.org', 443); print('resolved')\n"
         "except OSError as e:\n    print('failed', type(e).__name__)\n"
         "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-        "try:\n    s.sendto(b'x', ('8.8.8.8', 53)); print('sent')\nexcept OSError:\n    print('unreachable')\n"
+        "try:\n    s.sendto(b'x', ('8.8.8.8', 53)); print('sent')\n"
+        "except OSError:\n    print('unreachable')\n"
     )
     r = run_python(code, limits=FAST)
     assert "resolved" not in r.stdout and "sent" not in r.stdout and "unreachable" in r.stdout
@@ -250,7 +251,8 @@ def test_reading_outside_the_workspace_is_blocked(victim):
     code = (
         "import os\n"
         f"for p in ({str(victim)!r}, '/etc/shadow', '/root/.bashrc'):\n"
-        "    try:\n        print('READ', p, open(p).read()[:10])\n    except OSError as e:\n        print('no', e.errno)\n"
+        "    try:\n        print('READ', p, open(p).read()[:10])\n"
+        "    except OSError as e:\n        print('no', e.errno)\n"
         "print(sorted(os.listdir('/tmp')), os.listdir('/work') if os.path.isdir('/work') else [])\n"
     )
     r = run_python(code, limits=FAST)
@@ -266,9 +268,11 @@ def test_writing_and_deleting_outside_the_workspace_are_blocked():
     outside.write_text("keep me")
     try:
         code = (
-            f"import os, shutil\nfor f in (lambda: os.remove({str(outside)!r}), lambda: open('/etc/passwd', 'a'),\n"
+            f"import os, shutil\nfor f in (lambda: os.remove({str(outside)!r}),\n"
+            "          lambda: open('/etc/passwd', 'a'),\n"
             "          lambda: shutil.rmtree('/usr/lib'), lambda: os.rename('/etc/hosts', 'h')):\n"
-            "    try:\n        f(); print('DONE')\n    except OSError as e:\n        print('blocked', e.errno)\n"
+            "    try:\n        f(); print('DONE')\n"
+            "    except OSError as e:\n        print('blocked', e.errno)\n"
         )
         r = run_python(code, limits=FAST)
         assert r.ok and "DONE" not in r.stdout and r.stdout.count("blocked") == 4
@@ -281,7 +285,8 @@ def test_disk_quota_stops_filling_the_disk():
     """Blocked by: the workspace is a tmpfs of `quota_mb`; writes past it fail with ENOSPC inside."""
     with Workspace(quota_mb=8) as ws:
         code = (
-            "import os\nn = 0\ntry:\n    for i in range(100):\n        open(f'f{i}', 'wb').write(b'0' * (1 << 20)); n += 1\n"
+            "import os\nn = 0\ntry:\n    for i in range(100):\n"
+            "        open(f'f{i}', 'wb').write(b'0' * (1 << 20)); n += 1\n"
             "except OSError as e:\n    print('stopped', e.errno, n)\n"
         )
         r = ws.run([sys.executable, "-c", code], limits=FAST)
@@ -298,7 +303,8 @@ def test_parent_environment_secrets_are_not_inherited(monkeypatch):
     monkeypatch.setenv("OPENK2_TEST_SECRET", "s3cr3t-value")
     code = (
         "import os\nprint('s3cr3t' in str(os.environ))\n"
-        f"try:\n    print(open('/proc/{os.getpid()}/environ').read())\nexcept OSError:\n    print('no parent')\n"
+        f"try:\n    print(open('/proc/{os.getpid()}/environ').read())\n"
+        "except OSError:\n    print('no parent')\n"
     )
     r = run_python(code, limits=FAST)
     assert r.stdout == "False\nno parent\n"
@@ -383,13 +389,14 @@ def test_background_thread_swapping_symlinks_cannot_redirect_host_writes(victim)
             "    while True:\n"
             "        for n in ('a.txt', 'sub'):\n"
             "            try:\n"
-            f"                os.symlink({str(victim)!r} if n == 'a.txt' else {str(victim.parent)!r}, n + '.tmp');"
+            f"                target = {str(victim)!r} if n == 'a.txt' else {str(victim.parent)!r}\n"
+            "                os.symlink(target, n + '.tmp');"
             " os.replace(n + '.tmp', n)\n"
             "            except OSError:\n                pass\n"
             "threading.Thread(target=swap, daemon=True).start()\n"
         )
         tools.call("python", {"code": racer})
-        for i in range(50):
+        for _ in range(50):
             tools.call("write_file", {"path": "a.txt", "content": "PWNED"})
             tools.call("write_file", {"path": "sub/victim.txt", "content": "PWNED"})
     assert victim.read_text() == "original"
