@@ -194,6 +194,44 @@ class MCPToolbox:
         return text, is_error
 
 
+class WorkspaceToolbox:
+    """The shipped tools (`openk2.tools`) for one episode, in-process: a fresh ToolSession with its own
+    workspace and interpreter, closed (workspace removed) with the episode. Same interface as
+    MCPToolbox, and the same tools and schemas the shipped MCP server lists.
+
+    async with WorkspaceToolbox() as box:
+        text, is_error = await box.call("python", {"code": "print(1)"})
+    """
+
+    name = "openk2"
+
+    def __init__(self, **session_kw):
+        self.session_kw = session_kw
+        self.session = None
+
+    async def __aenter__(self) -> WorkspaceToolbox:
+        from openk2.tools.toolset import ToolSession
+
+        self.session = await asyncio.to_thread(lambda: ToolSession(**self.session_kw))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.session is not None:
+            await asyncio.to_thread(self.session.close)
+            self.session = None
+
+    async def list_tools(self) -> list[Tool]:
+        from openk2.tools.toolset import TOOL_SPECS
+
+        return [
+            Tool(n, spec["description"], spec["parameters"], f"mcp:{self.name}", "real", self.name)
+            for n, spec in TOOL_SPECS.items()
+        ]
+
+    async def call(self, name: str, arguments: dict) -> tuple[str, bool]:
+        return await asyncio.to_thread(self.session.call, name, arguments)
+
+
 async def import_mcp_tools(command: list[str], name: str | None = None) -> list[Tool]:
     async with MCPToolbox(command, name) as box:
         return await box.list_tools()
