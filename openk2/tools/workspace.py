@@ -41,6 +41,20 @@ def _next_uid() -> int:
     return sandbox.UID_BASE + (os.getpid() % 16384) * 4096 + n % 4096
 
 
+def _copy_regular(src: str, dst: str) -> None:
+    """Copy a regular file; skip FIFOs, sockets and devices (opening a FIFO would block the host)."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        os.set_blocking(fd, True)
+        with open(dst, "xb") as out:
+            shutil.copyfileobj(f, out)
+
+
 class WorkspaceError(ValueError):
     """A file operation was refused (bad path, symlink, not a regular file, too large)."""
 
@@ -111,16 +125,26 @@ class Workspace:
         self.closed = True
         if os.geteuid() == 0:
             sandbox.kill_uid(self.uid)
-        if self.keep:
-            os.close(self.fd)
-            return
         os.close(self.fd)
+        if self.keep and self.mounted:
+            # Nothing of the session runs any more, so the tree is still: copy it (symlinks as symlinks,
+            # never followed) to a plain directory, and release the tmpfs.
+            kept = Path(tempfile.mkdtemp(prefix="openk2-kept-"))
+            shutil.copytree(self.path, kept, symlinks=True, dirs_exist_ok=True, copy_function=_copy_regular)
+            self._unmount()
+            self.path = kept
+            return
+        if self.keep:
+            return
         if self.mounted:
-            libc, ctypes = sandbox._libc()
-            libc.umount2(os.fsencode(self.path), 2)  # MNT_DETACH: the tmpfs and its contents are gone
-            os.rmdir(self.path)
+            self._unmount()
         else:
             shutil.rmtree(self.path, ignore_errors=True)  # fd-based on Linux: safe against symlinks
+
+    def _unmount(self) -> None:
+        libc, _ = sandbox._libc()
+        libc.umount2(os.fsencode(self.path), 2)  # MNT_DETACH: the tmpfs and its contents are gone
+        os.rmdir(self.path)
 
     # -- safe file access -----------------------------------------------------------------------------
 
