@@ -25,7 +25,13 @@ def _schema(properties: dict, required: list[str]) -> dict:
     return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
 
 
-_PATH = {"type": "string", "description": "path relative to the workspace"}
+# Portable file names only, and bounded: a weak model constrained by this schema cannot wander off
+# into an endless or unprintable path.
+_PATH = {
+    "type": "string",
+    "description": "path relative to the workspace",
+    "pattern": "^[A-Za-z0-9_. /-]{1,128}$",
+}
 
 TOOL_SPECS: dict[str, dict] = {
     "python": {
