@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +28,7 @@ from serve_util import free_port, serve_process
 from openk2.tokenizer.chat import encode_chat
 from openk2.tokenizer.tokenizer import K2Tokenizer
 from openk2.tools import isolation
+from openk2.tools.sandbox import UID_BASE, pids_of_uid
 from openk2.train.sft import load_conversations
 
 pytestmark = pytest.mark.skipif(isolation() != "namespaces", reason="the agent's tools need kernel isolation")
@@ -45,7 +47,8 @@ class ScriptedEndpoint:
     """A streaming OpenAI-compatible endpoint whose 'model' follows SCRIPT, one call per turn, then
     answers with the number the python tool printed (read back from the conversation)."""
 
-    def __init__(self):
+    def __init__(self, script: list = SCRIPT):
+        self.script = script
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.requests: list[dict] = []
@@ -75,8 +78,8 @@ class ScriptedEndpoint:
         tool_results = [m for m in body["messages"] if m["role"] == "tool"]
         step = len(tool_results)
         yield chunk({"role": "assistant", "content": ""})
-        if step < len(SCRIPT):
-            name, args = SCRIPT[step]
+        if step < len(self.script):
+            name, args = self.script[step]
             text = json.dumps(args)
             yield chunk({"content": f"Step {step + 1}: {name}."})
             first = {
@@ -179,6 +182,31 @@ def test_budgets_and_bad_input(tmp_path):
     assert "must be positive" in _refused("--endpoint", "http://x", "--max-turns", "0", "t")
     assert "cannot list the models" in _refused("--endpoint", f"http://127.0.0.1:{free_port()}/v1", "t")
     assert "does not exist" in _refused("--model", str(tmp_path / "nope"), "t")
+
+
+def test_ctrl_c_stops_cleanly(tmp_path):
+    """SIGINT during a long tool call: the agent stops, keeps a consistent transcript (the call gets an
+    "interrupted" result), prints the workspace, and leaves no sandboxed process behind."""
+    transcript = tmp_path / "t.jsonl"
+    slow = [("python", {"code": "import time\ntime.sleep(120)"})]
+    cmd = [sys.executable, "-m", "openk2.cli", "agent", "--transcript", str(transcript), "sleep"]
+    with ScriptedEndpoint(slow) as endpoint:
+        proc = subprocess.Popen([*cmd, "--endpoint", endpoint.url], stdout=subprocess.PIPE, text=True)
+        seen = ""
+        while "[tool python(" not in seen:
+            line = proc.stdout.readline()
+            assert line, "the agent exited before calling the tool"
+            seen += line
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "[interrupted]" in rest and "workspace: " in rest
+    record = json.loads(transcript.read_text())
+    assert record["meta"]["stopped_by"] == "interrupted"
+    assert [m["role"] for m in record["messages"]] == ["system", "user", "assistant", "tool"]
+    assert record["messages"][-1]["content"] == "Error: interrupted by the user"
+    first = UID_BASE + (proc.pid % 16384) * 4096  # the uids the agent's sessions ran under
+    assert not any(pids_of_uid(uid) for uid in range(first, first + 8))
 
 
 @pytest.fixture(scope="module")

@@ -147,12 +147,14 @@ def run(args: argparse.Namespace) -> int:
             print("\n[interrupted]")
         finally:
             session.close()
-            if len(agent.state.messages) > 2 or any(m["role"] == "assistant" for m in agent.state.messages):
+            if any(m["role"] == "assistant" for m in agent.state.messages):
                 transcript.parent.mkdir(parents=True, exist_ok=True)
                 record = agent.state.record({"model": model, "workspace": session.path})
                 with transcript.open("a") as f:
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 print(f"\ntranscript: {transcript}")
+            else:
+                print("\ntranscript: nothing to save (no assistant turn)")
             where = session.path if not args.discard_workspace else f"{session.path} (removed)"
             print(f"workspace: {where}")
     return status

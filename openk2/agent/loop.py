@@ -6,8 +6,9 @@ it arrives; tool calls are assembled from their deltas, given K2 ids (`functions
 counting calls across the conversation, as the chat template and SFT data expect), executed in the
 session's workspace, and their results appended as tool messages. The conversation is kept in the
 SFT format (`{"messages", "tools", "meta"}`, what `openk2 sft` reads), so a transcript is training data.
-Ctrl-C (KeyboardInterrupt) stops the current turn; the conversation so far stays consistent: a turn
-interrupted before its tool results exist is not recorded as a call.
+Ctrl-C (KeyboardInterrupt) stops the current turn and the conversation stays consistent: a call whose
+execution was interrupted is recorded with the result "interrupted by the user"; an interrupted
+stream is not recorded at all.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ SYSTEM_PROMPT = (
     "write files, run Python (a persistent interpreter) and shell commands, and draw plots there. "
     "Call tools when they help; when the task is done, answer the user plainly."
 )
+
+
+INTERRUPTED = "Error: interrupted by the user"
 
 
 @dataclass
@@ -102,9 +106,15 @@ class Agent:
                     self.state.messages.append(message)
                     self.state.stopped_by = "answer"
                     return message.get("content")
-                results = [self._execute(call) for call in message["tool_calls"]]
-                self.state.messages.append(message)  # recorded only once every result exists
-                self.state.messages.extend(results)
+                results: list[dict] = []
+                try:
+                    for call in message["tool_calls"]:
+                        results.append(self._execute(call))
+                finally:  # interrupted or not, every recorded call gets a result
+                    for call in message["tool_calls"][len(results) :]:
+                        results.append({"role": "tool", "tool_call_id": call["id"], "content": INTERRUPTED})
+                    self.state.messages.append(message)
+                    self.state.messages.extend(results)
         except KeyboardInterrupt:
             self.state.stopped_by = "interrupted"
             self.out("\n[interrupted]\n")

@@ -79,7 +79,11 @@ class Interpreter:
                 self.proc.stdin.flush()
             except (BrokenPipeError, OSError):
                 pass
-            line, why = self._read_line(timeout)
+            try:
+                line, why = self._read_line(timeout)
+            except BaseException:  # e.g. Ctrl-C: a late reply would answer the next request; start over
+                self.close()
+                raise
             if line is None:
                 self.close()
                 if why == "setup" or (fresh and self._stderr.startswith(b"openk2-sandbox-setup:")):
