@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,7 +160,7 @@ def test_multi_step_task_against_a_scripted_endpoint(tmp_path):
     # the endpoint saw the tools, streaming with usage, and the K2 ids sent back
     assert endpoint.requests[0]["stream"] is True and endpoint.requests[0]["stream_options"]["include_usage"]
     assert {t["function"]["name"] for t in endpoint.requests[0]["tools"]} >= {"python", "plot", "write_file"}
-    Path(ws, "data.csv").unlink()
+    shutil.rmtree(ws)
 
 
 def _refused(*args: str) -> str:
@@ -189,7 +190,16 @@ def test_ctrl_c_stops_cleanly(tmp_path):
     "interrupted" result), prints the workspace, and leaves no sandboxed process behind."""
     transcript = tmp_path / "t.jsonl"
     slow = [("python", {"code": "import time\ntime.sleep(120)"})]
-    cmd = [sys.executable, "-m", "openk2.cli", "agent", "--transcript", str(transcript), "sleep"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "openk2.cli",
+        "agent",
+        "--transcript",
+        str(transcript),
+        "--discard-workspace",
+        "sleep",
+    ]
     with ScriptedEndpoint(slow) as endpoint:
         proc = subprocess.Popen([*cmd, "--endpoint", endpoint.url], stdout=subprocess.PIPE, text=True)
         seen = ""
@@ -219,7 +229,7 @@ def checkpoint(tmp_path_factory):
 # The server's grammar forces a call of list_files whose arguments match its schema (a bounded,
 # portable path), so even a random model's calls are complete and run in the workspace.
 ARGS = ["--tools", "list_files", "--tool-choice", "required", "--max-turns", "2", "--turn-tokens", "200",
-        "--temperature", "0", "Write a note."]  # fmt: skip
+        "--temperature", "0", "--discard-workspace", "Write a note."]  # fmt: skip
 
 
 @pytest.mark.slow
