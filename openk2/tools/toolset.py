@@ -155,10 +155,13 @@ class ToolSession:
 
     def call(self, name: str, arguments: dict) -> tuple[str, bool]:
         """(text for the model, is_error)."""
-        try:
-            return self._dispatch(name, arguments), False
-        except (ToolError, WorkspaceError) as e:
-            return f"Error: {e}", True
+        with self.workspace.lock:  # one call at a time in a session
+            try:
+                return self._dispatch(name, arguments), False
+            except (ToolError, WorkspaceError) as e:
+                return f"Error: {e}", True
+            except OSError as e:  # e.g. ENOSPC: the workspace's quota is full
+                return f"Error: {e.strerror or e}", True
 
     def _dispatch(self, name: str, args: dict) -> str:
         if name not in TOOL_SPECS:
@@ -202,19 +205,17 @@ class ToolSession:
         data = content.encode()
         if len(data) > self.shell_limits.file_size_mb << 20:
             raise ToolError(f"content is larger than the {self.shell_limits.file_size_mb} MB file limit")
-        with self.workspace.lock:
-            try:
-                n = self.workspace.write_bytes(path, data)
-            except OSError as e:
-                raise ToolError(f"cannot write {path}: {e.strerror}") from None
+        try:
+            n = self.workspace.write_bytes(path, data)
+        except OSError as e:
+            raise ToolError(f"cannot write {path}: {e.strerror}") from None
         return f"wrote {n} bytes to {path}"
 
     def _tool_list_files(self, path: str = ".") -> str:
         return "\n".join(self.workspace.list_files(path)) or "(empty)"
 
     def _tool_edit_file(self, path: str, old_text: str, new_text: str) -> str:
-        with self.workspace.lock:
-            n = self.workspace.edit_text(path, old_text, new_text)
+        n = self.workspace.edit_text(path, old_text, new_text)
         return f"edited {path} ({n} bytes)"
 
     def _tool_plot(self, code: str, path: str = "plot.png") -> str:

@@ -29,6 +29,7 @@ from openk2.tools import sandbox
 
 DEFAULT_QUOTA_MB = 256
 MAX_ENTRIES = 500
+MAX_DEPTH = 32  # list_files does not descend further (a deep chain of directories costs fds and time)
 
 _uids = itertools.count()
 _uid_lock = threading.Lock()
@@ -244,9 +245,12 @@ class Workspace:
         parts = split_relative(path) if path not in (".", "") else []
         out: list[str] = []
 
-        def walk(fd: int, prefix: str) -> None:
+        def walk(fd: int, prefix: str, depth: int = 0) -> None:
+            if depth > MAX_DEPTH:
+                out.append(prefix + "... (deeper directories not listed)")
+                return
             with os.scandir(fd) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(itertools.islice(it, 10 * limit), key=lambda e: e.name)
             for e in entries:
                 if len(out) >= limit:
                     return
@@ -259,7 +263,7 @@ class Workspace:
                     except OSError:
                         continue
                     try:
-                        walk(sub, rel + "/")
+                        walk(sub, rel + "/", depth + 1)
                     finally:
                         os.close(sub)
                 elif e.is_symlink():
