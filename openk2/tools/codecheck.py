@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import os
 import selectors
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from openk2.tools.sandbox import SandboxError, SandboxLimits, reason_of, stop
+from openk2.tools.sandbox import SandboxError, SandboxLimits, python_argv, reason_of, stop
 from openk2.tools.workspace import Workspace
 
 MAX_LINE = 4 << 20
@@ -117,7 +116,7 @@ class _Side:
     def __init__(self, source: str, limits: SandboxLimits):
         self.ws = Workspace(quota_mb=max(16, 2 * limits.file_size_mb))
         try:
-            self.proc = self.ws.spawn([sys.executable, "-I", "-B", "-c", source], limits)
+            self.proc = self.ws.spawn(python_argv(source), limits)
         except BaseException:
             self.ws.close()
             raise

@@ -25,7 +25,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from openk2.tools import sandbox
+from openk2.tools import launcher, sandbox
 
 DEFAULT_QUOTA_MB = 256
 MAX_ENTRIES = 500
@@ -102,10 +102,10 @@ class Workspace:
         else:
             self.path = Path(tempfile.mkdtemp(prefix=prefix))
             if os.geteuid() == 0:
-                libc, ctypes = sandbox._libc()
+                libc, ctypes = launcher.load_libc()
                 opts = f"size={quota_mb}m,mode=0700,uid={self.uid},gid={self.uid}"
-                flags = sandbox.MS_NOSUID | sandbox.MS_NODEV
-                sandbox._mount(libc, ctypes, "tmpfs", str(self.path), "tmpfs", flags, opts)
+                flags = launcher.MS_NOSUID | launcher.MS_NODEV
+                launcher.mount(libc, ctypes, "tmpfs", str(self.path), "tmpfs", flags, opts)
                 self.mounted = True
         self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         if not self.mounted and os.geteuid() == 0:
@@ -143,7 +143,7 @@ class Workspace:
             shutil.rmtree(self.path, ignore_errors=True)  # fd-based on Linux: safe against symlinks
 
     def _unmount(self) -> None:
-        libc, _ = sandbox._libc()
+        libc, _ = launcher.load_libc()
         libc.umount2(os.fsencode(self.path), 2)  # MNT_DETACH: the tmpfs and its contents are gone
         os.rmdir(self.path)
 
