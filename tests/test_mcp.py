@@ -4,9 +4,13 @@ import asyncio
 import json
 
 import jsonschema
+import pytest
 
 from openk2.data.tools import MCPToolbox, shipped_server_command, validate_tool
+from openk2.tools import isolation
 from openk2.tools.toolset import TOOL_SPECS
+
+pytestmark = pytest.mark.skipif(isolation() != "namespaces", reason="the tools need kernel isolation (root)")
 
 
 def test_import_list_convert_and_call(tmp_path):

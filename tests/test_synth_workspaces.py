@@ -9,7 +9,10 @@ import sys
 import pytest
 
 from openk2.data.tools import Tool, save_tools
+from openk2.tools import isolation
 from openk2.tools.toolset import TOOL_SPECS
+
+pytestmark = pytest.mark.skipif(isolation() != "namespaces", reason="the tools need kernel isolation (root)")
 
 
 def _run(tmp_path, tools, concurrency: int) -> dict[str, list]:

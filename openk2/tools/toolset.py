@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 
 from openk2.tools.interpreter import INTERPRETER_LIMITS, Interpreter
-from openk2.tools.sandbox import SandboxLimits, SandboxResult
+from openk2.tools.sandbox import SandboxError, SandboxLimits, SandboxResult
 from openk2.tools.workspace import DEFAULT_QUOTA_MB, Workspace, WorkspaceError
 
 MAX_READ_CHARS = 64_000
@@ -158,7 +158,7 @@ class ToolSession:
         with self.workspace.lock:  # one call at a time in a session
             try:
                 return self._dispatch(name, arguments), False
-            except (ToolError, WorkspaceError) as e:
+            except (ToolError, WorkspaceError, SandboxError) as e:
                 return f"Error: {e}", True
             except OSError as e:  # e.g. ENOSPC: the workspace's quota is full
                 return f"Error: {e.strerror or e}", True

@@ -105,8 +105,11 @@ class Workspace:
                 libc, ctypes = launcher.load_libc()
                 opts = f"size={quota_mb}m,mode=0700,uid={self.uid},gid={self.uid}"
                 flags = launcher.MS_NOSUID | launcher.MS_NODEV
-                launcher.mount(libc, ctypes, "tmpfs", str(self.path), "tmpfs", flags, opts)
-                self.mounted = True
+                try:
+                    launcher.mount(libc, ctypes, "tmpfs", str(self.path), "tmpfs", flags, opts)
+                    self.mounted = True
+                except OSError:  # root without CAP_SYS_ADMIN: a plain directory, no quota
+                    pass
         self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         if not self.mounted and os.geteuid() == 0:
             os.fchown(self.fd, self.uid, self.uid)
