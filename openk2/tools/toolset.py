@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import jsonschema
+
 from openk2.tools.interpreter import INTERPRETER_LIMITS, Interpreter
 from openk2.tools.sandbox import SandboxError, SandboxLimits, SandboxResult
 from openk2.tools.workspace import DEFAULT_QUOTA_MB, Workspace, WorkspaceError
@@ -168,14 +170,13 @@ class ToolSession:
             raise ToolError(f"unknown tool {name!r}; tools: {', '.join(TOOL_SPECS)}")
         if not isinstance(args, dict):
             raise ToolError("arguments must be a JSON object")
-        props = TOOL_SPECS[name]["parameters"]
-        missing = [k for k in props["required"] if k not in args]
-        unknown = [k for k in args if k not in props["properties"]]
-        if missing or unknown:
-            raise ToolError(f"{name}: missing {missing} / unknown {unknown} arguments")
-        for k, v in args.items():
-            if not isinstance(v, str):
-                raise ToolError(f"{name}: argument {k!r} must be a string")
+        try:  # the one schema, enforced here as it is by a constrained server
+            jsonschema.validate(args, TOOL_SPECS[name]["parameters"])
+        except jsonschema.ValidationError as e:
+            where = "/".join(map(str, e.absolute_path))
+            raise ToolError(
+                f"{name}: invalid arguments{' at ' + where if where else ''}: {e.message[:300]}"
+            ) from None
         return getattr(self, f"_tool_{name}")(**args)
 
     def _tool_python(self, code: str) -> str:
