@@ -365,6 +365,25 @@ def test_signalling_the_parent_or_host_processes_fails():
         host.wait()
 
 
+def test_host_sysv_shared_memory_is_invisible():
+    """Blocked by: the IPC namespace - a world-writable SysV segment of the host does not exist inside."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x0E2C0000 + os.getpid() % 0xFFFF
+    shmid = libc.shmget(key, 4096, 0o1666)  # IPC_CREAT | 0666
+    assert shmid >= 0
+    try:
+        code = (
+            f"import ctypes\nlibc = ctypes.CDLL(None)\nprint(libc.shmget({key}, 0, 0o666))\n"
+            "print(open('/proc/sysvipc/shm').read().count('\\n'))\n"
+        )
+        r = run_python(code, limits=FAST)
+        assert r.stdout == "-1\n1\n", r.stdout + r.stderr  # not found; the table holds only its header
+    finally:
+        libc.shmctl(shmid, 0, None)  # IPC_RMID
+
+
 def test_ctypes_calls_to_libc_are_refused():
     """Blocked by: seccomp (socket(AF_UNIX), unshare, ptrace, io_uring return EPERM) and the dropped
     capabilities (mount, setuid(0), chroot fail)."""

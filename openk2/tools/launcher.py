@@ -15,6 +15,7 @@ SETUP_MARKER = "openk2-sandbox-setup:"
 
 
 CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWPID, CLONE_NEWUSER = 0x00020000, 0x40000000, 0x20000000, 0x10000000
+CLONE_NEWIPC, CLONE_NEWUTS = 0x08000000, 0x04000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
@@ -137,9 +138,11 @@ def _mount_points() -> list[tuple[str, int]]:
 
 
 def _isolate(spec: dict) -> None:
-    """New net, mount and PID namespaces; everything read-only except the workspace; private dirs hidden."""
+    """New net, mount, PID, IPC (no SysV/POSIX IPC shared with the host) and UTS namespaces;
+    everything read-only except the workspace; private dirs hidden."""
     libc, ctypes = load_libc()
-    _check(ctypes, libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID), "unshare")
+    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS
+    _check(ctypes, libc.unshare(flags), "unshare")
     mount(libc, ctypes, None, "/", None, MS_REC | MS_PRIVATE)
     if spec.get("probe"):
         return

@@ -5,7 +5,8 @@ Why each piece exists:
   so the parent never needs `preexec_fn`, which is unsafe once threads exist.
 - Namespaces (we must be root): a fresh network namespace whose only interface, loopback, is down, so
   TCP, UDP, DNS and abstract Unix sockets (scoped per network namespace) reach nothing; a PID namespace
-  whose init reaps orphans and whose death takes every leftover process with it; a private mount
+  whose init reaps orphans and whose death takes every leftover process with it; an IPC namespace
+  (no SysV shared memory, semaphores or message queues shared with the host); a private mount
   namespace where every mount is read-only except the workspace, which appears at /tmp/workspace, and
   /root, /home, /work, /tmp, /run, /var/tmp and /dev/shm are hidden behind empty tmpfs (the Python
   prefix is bound back so the interpreter still runs).
