@@ -331,11 +331,11 @@ def supervise(proc: subprocess.Popen, stdin: bytes, limits: SandboxLimits) -> Sa
                 continue
             buf = buffers[key.fileobj]
             buf += chunk[: max(0, limits.max_output_bytes - len(buf))]
-    if proc.poll() is None and not timed_out:
+    if proc.poll() is None and not timed_out:  # outputs closed, program still running: wait for it
         try:
-            proc.wait(timeout=0.5)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            pass
+            timed_out = True
     returncode = proc.poll()
     stop(proc)
     if returncode is None:
