@@ -172,17 +172,36 @@ def _refused(*args: str) -> str:
     return str(exc.value)
 
 
-def test_budgets_and_bad_input(tmp_path):
+def test_budgets_and_bad_input(tmp_path, capsys):
+    from openk2.cli import main
+
     transcript = tmp_path / "t.jsonl"
     with ScriptedEndpoint() as endpoint:
         args = ["--endpoint", endpoint.url, "--max-turns", "2", "--transcript", str(transcript)]
-        out = _agent(*args, "--discard-workspace", "task")
-    assert out.returncode == 0 and "[stopped: max_turns]" in out.stdout and "(removed)" in out.stdout
+        assert main(["agent", *args, "--discard-workspace", "task"]) == 0
+    out = capsys.readouterr().out
+    assert "[stopped: max_turns]" in out and "(removed)" in out
     assert json.loads(transcript.read_text())["meta"]["stopped_by"] == "max_turns"
     assert "unknown tools" in _refused("--endpoint", "http://x", "--tools", "rm", "t")
     assert "must be positive" in _refused("--endpoint", "http://x", "--max-turns", "0", "t")
     assert "cannot list the models" in _refused("--endpoint", f"http://127.0.0.1:{free_port()}/v1", "t")
     assert "does not exist" in _refused("--model", str(tmp_path / "nope"), "t")
+
+
+def test_interactive_mode(tmp_path, monkeypatch, capsys):
+    """No TASK: tasks are read line by line until /exit; the whole session is one transcript."""
+    import io
+
+    from openk2.cli import main
+
+    transcript = tmp_path / "t.jsonl"
+    monkeypatch.setattr("sys.stdin", io.StringIO("Sum y in a CSV and plot it.\n/exit\n"))
+    with ScriptedEndpoint() as endpoint:
+        args = ["agent", "--endpoint", endpoint.url, "--transcript", str(transcript), "--discard-workspace"]
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "one task per line" in out and "The sum of y is 15" in out and "(removed)" in out
+    assert json.loads(transcript.read_text())["meta"]["stopped_by"] == "answer"
 
 
 def test_ctrl_c_stops_cleanly(tmp_path):
