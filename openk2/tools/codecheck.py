@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from openk2.tools.launcher import SETUP_MARKER
 from openk2.tools.sandbox import SandboxError, SandboxLimits, python_argv, reason_of, stop
 from openk2.tools.workspace import Workspace
 
@@ -210,7 +211,7 @@ def check_function(
         checker_code = checker.close()
     cand_err = candidate.stderr.decode("utf-8", "replace")
     for side in (candidate, checker):
-        if side.stderr.startswith(b"openk2-sandbox-setup:"):
+        if side.stderr.startswith(SETUP_MARKER.encode()):
             raise SandboxError(side.stderr.decode(errors="replace").strip())
     duration = time.monotonic() - start
     if timed_out:

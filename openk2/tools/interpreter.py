@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+from openk2.tools.launcher import SETUP_MARKER
 from openk2.tools.sandbox import SandboxError, SandboxLimits, stop
 from openk2.tools.workspace import Workspace
 
@@ -86,7 +87,7 @@ class Interpreter:
                 raise
             if line is None:
                 self.close()
-                if why == "setup" or (fresh and self._stderr.startswith(b"openk2-sandbox-setup:")):
+                if why == "setup" or (fresh and self._stderr.startswith(SETUP_MARKER.encode())):
                     raise SandboxError(self._stderr.decode(errors="replace").strip())
                 tail = self._stderr.decode(errors="replace")[-2000:]
                 return {
