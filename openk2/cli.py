@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("openk2.train.sft", "supervised fine-tuning on chat data"),
     "rl": ("openk2.rl.cli", "reinforcement learning with verifiable and self-critique rewards"),
     "eval": ("openk2.eval.cli", "benchmarks and tool-call conformance"),
+    "agent": ("openk2.agent.cli", "tool-using agent in a sandboxed workspace, against any OpenAI endpoint"),
 }
 
 

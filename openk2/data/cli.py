@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="no model at all: oracle agent on template tasks, template user and tool simulators, rule judge",
     )
     p.add_argument(
-        "--workspace", help="workspace of the shipped MCP server for real tools (default: temp dir)"
+        "--workspace", help="ignored: every episode runs its real tools in a fresh workspace of its own"
     )
     p.add_argument("--error-rate", type=float, default=0.1)
     p.add_argument("--partial-rate", type=float, default=0.05)
@@ -162,7 +162,7 @@ async def _tools(args) -> int:
 
 async def _trajectories(args) -> int:
     from openk2.data.agents import llm_tasks, make_agents, template_tasks
-    from openk2.data.tools import MCPToolbox, load_tools, shipped_server_command
+    from openk2.data.tools import load_tools
     from openk2.data.trajectories import EpisodeConfig, Judge, LLMAgent, OracleAgent, run_episode
 
     tools = load_tools(args.tools)
@@ -190,10 +190,7 @@ async def _trajectories(args) -> int:
         else:
             tasks += await llm_tasks(client, a, args.tasks_per_agent, args.seed)
     cfg = EpisodeConfig(args.max_steps, args.seed, args.error_rate, args.partial_rate, args.edge_rate)
-    toolbox = None
-    if any(t.real for a in agents for t in a.tools):
-        ws = args.workspace or tempfile.mkdtemp(prefix="openk2-traj-")
-        toolbox = await MCPToolbox(shipped_server_command(ws), "openk2").__aenter__()
+    toolbox = None  # real tools: run_episode opens one workspace per episode
     try:
 
         async def work(item: dict) -> dict:
