@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,61 +96,21 @@ def _document_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Shared argument types and the model / endpoint flags (the same meaning in every command)
+# The model flag: the same meaning in every command
 
 
-def _bounded(kind: type, low: float, inclusive: bool, what: str) -> Callable[[str], float]:
-    def convert(text: str):
-        try:
-            value = kind(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < low or (value == low and not inclusive):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
-        return value
-
-    convert.__name__ = what
-    return convert
-
-
-positive_int = _bounded(int, 1, True, "an integer >= 1")
-non_negative_int = _bounded(int, 0, True, "an integer >= 0")
-positive_float = _bounded(float, 0.0, False, "a number > 0")
-non_negative_float = _bounded(float, 0.0, True, "a number >= 0")
-
-
-def temperature(text: str) -> float:
-    """A sampling temperature in [0, 2] (0 = greedy), as the server accepts."""
-    value = non_negative_float(text)
-    if value > 2:
-        raise argparse.ArgumentTypeError(f"expected a temperature in [0, 2], got {text}")
-    return value
-
-
-temperature.__name__ = "a temperature in [0, 2]"
-
-
-def add_model_argument(
-    parser: argparse.ArgumentParser, positional: bool = True, required: bool = True
-) -> None:
-    """`--model PATH` (and, where the README uses it, the same path as the first positional): a
-    checkpoint directory or a run directory, whose latest checkpoint is taken."""
-    text = "checkpoint directory, or run directory (its latest checkpoint)"
-    if positional:
-        parser.add_argument("checkpoint", nargs="?", metavar="MODEL", help=f"{text}; same as --model")
-    parser.add_argument("--model", help=text)
-    parser.set_defaults(_model_required=required)
-
-
-def model_path(args: argparse.Namespace) -> str | None:
-    """The one model path given by `MODEL` or `--model` (a usage error if both or, when required,
-    neither)."""
-    given = [p for p in (getattr(args, "checkpoint", None), getattr(args, "model", None)) if p]
-    if len(given) > 1 and given[0] != given[1]:
-        raise UsageError(f"give the model once: positional {given[0]!r} and --model {given[1]!r} differ")
-    if not given and getattr(args, "_model_required", True):
-        raise UsageError("give a checkpoint or run directory (MODEL or --model PATH)")
-    return given[0] if given else None
+def _merge_model_path(args: argparse.Namespace) -> None:
+    """`--model PATH` is a checkpoint or run directory everywhere; commands the README calls with the
+    path as the first argument (`openk2 sample runs/small`) also take it as positional MODEL, stored
+    as `checkpoint`. After this, both attributes hold the one path given."""
+    if not (hasattr(args, "checkpoint") and hasattr(args, "model")):
+        return
+    given = [p for p in (args.checkpoint, args.model) if p]
+    if len(given) == 2 and given[0] != given[1]:
+        raise UsageError(f"give the model once: MODEL {given[0]!r} and --model {given[1]!r} differ")
+    if not given:
+        raise UsageError(f"openk2 {args.command}: give a checkpoint or run directory (MODEL or --model PATH)")
+    args.checkpoint = args.model = given[0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -483,6 +442,7 @@ def run_command(argv: list[str]) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    _merge_model_path(args)
     _check_device(args)
     # Once a model is confident, the softmax of rare tokens underflows toward denormal floats, which
     # x86 CPUs process far slower than normal ones. Flushing them is a process-wide setting, so the
