@@ -390,6 +390,8 @@ def _describe(e: BaseException) -> tuple[str, int]:
         return _one_line(f"{target}: {e.strerror}"), 1
     if isinstance(e, ValueError):
         return _one_line(e), 2
+    if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) and " " in e.args[0]:
+        return _one_line(e.args[0]), 2  # a lookup of something the user named, with its message
     known = (OSError, RuntimeError, ImportError)
     text = _one_line(e) or type(e).__name__
     if isinstance(e, known) and type(e).__module__.startswith(("openk2", "builtins")):

@@ -137,6 +137,7 @@ def _documents(path: str) -> list[dict]:
 async def _rephrase(args) -> int:
     from openk2.data.rephrase import Embedder, RephraseArgs, rephrase_document
 
+    documents = _documents(args.input)  # a bad input fails before any model loads
     client = _client(args)
     embedder = Embedder(lexical=args.lexical_fidelity)
     kind = "bag-of-words cosine (weaker fallback)" if embedder.kind == "lexical" else "all-MiniLM-L6-v2"
@@ -153,9 +154,7 @@ async def _rephrase(args) -> int:
     async def work(doc: dict) -> dict:
         return await rephrase_document(client, doc["id"], doc["text"], rargs, embedder)
 
-    summary = await run_jsonl(
-        _documents(args.input), work, args.out, client.stats, "rephrase", workers=args.concurrency
-    )
+    summary = await run_jsonl(documents, work, args.out, client.stats, "rephrase", workers=args.concurrency)
     _report("rephrase", summary, args.out, client)
     return 0
 
