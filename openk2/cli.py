@@ -429,7 +429,9 @@ def _add_options_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_command(argv: list[str]) -> int:
+def parse_command(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line of `openk2 ARGV`, `--config FILE` applied (UsageError if it is wrong).
+    Nothing is run; tests/test_docs.py parses every documented command with it."""
     parser, chosen = _build_parser(argv)
     if chosen is not None:
         after = argv[argv.index(chosen.prog.split()[-1]) + 1 :]
@@ -441,10 +443,16 @@ def run_command(argv: list[str]) -> int:
             apply_options_file(leaf, path)
             argv = argv[: len(argv) - len(after)] + rest
     args = parser.parse_args(argv)
+    if args.command is not None:
+        _merge_model_path(args)
+    return args
+
+
+def run_command(argv: list[str]) -> int:
+    args = parse_command(argv)
     if args.command is None:
-        parser.print_help(sys.stderr)
+        _build_parser([])[0].print_help(sys.stderr)
         return 2
-    _merge_model_path(args)
     _check_device(args)
     # Once a model is confident, the softmax of rare tokens underflows toward denormal floats, which
     # x86 CPUs process far slower than normal ones. Flushing them is a process-wide setting, so the
