@@ -64,7 +64,9 @@ class HelpFormatter(argparse.HelpFormatter):
         default = action.default
         if (
             "default" in text.lower()
-            or default in (None, False, argparse.SUPPRESS)
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
             or not (action.option_strings or action.nargs in ("?", "*"))
             or action.nargs == 0
         ):
@@ -87,8 +89,9 @@ class Parser(argparse.ArgumentParser):
 def _document_defaults(parser: argparse.ArgumentParser) -> None:
     """Give every flag that has a default but no help a help line, so `--help` shows the default."""
     for action in parser._actions:
-        if action.help is None and action.option_strings and action.default not in (None, False):
-            if action.nargs != 0 and action.default is not argparse.SUPPRESS:
+        meaningful = action.default is not None and not isinstance(action.default, bool)
+        if action.help is None and action.option_strings and meaningful:
+            if action.nargs != 0 and action.default != argparse.SUPPRESS:
                 action.help = "(default: %(default)s)"
         if isinstance(action, argparse._SubParsersAction):
             for child in action.choices.values():
