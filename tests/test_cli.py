@@ -211,3 +211,37 @@ def test_eval_caps_max_tokens_in_process(ckpt):
     (ok,) = capped.chat_many([_long_request(100)])
     local.close()
     assert ok.error is None and capped.capped == 1
+
+
+def test_serve_start_up_summary_is_plain_text(ckpt):
+    from openk2.serve.cli import load_engine, summary
+
+    engine = load_engine(str(ckpt), 2, None, None)
+    text = summary(engine, "tiny", ckpt, "http://127.0.0.1:8000/v1", api_key=False, constrained=True)
+    assert text.startswith("openk2 serve: tiny\n") and "{" not in text
+    assert "2 slots x 160 tokens" in text and "http://127.0.0.1:8000/v1" in text
+    assert "M parameters, float32 on cpu" in text
+
+
+def test_eval_default_labels_are_unique_per_model_and_config_but_stable():
+    from openk2.eval.harness import default_label
+
+    a = default_label("small", {"model": "/r/a"}, {"n_tasks": 20})
+    assert a == default_label("small", {"model": "/r/a"}, {"n_tasks": 20})  # same command: resumes
+    assert a != default_label("small", {"model": "/r/b"}, {"n_tasks": 20})  # another checkpoint
+    assert a != default_label("small", {"model": "/r/a"}, {"n_tasks": 50})  # another config
+    assert a.startswith("small-")
+
+
+def test_synth_scripted_ends_with_a_plain_summary(tmp_path, capfd):
+    # capfd: the MCP client hands the real stderr file descriptor to the tool server
+    tools = tmp_path / "tools.jsonl"
+    status, _, err = _run(capfd, "synth", "tools", "--out", str(tools), "--no-synthetic")
+    assert status == 0, err
+    out_file = tmp_path / "traj.jsonl"
+    argv = ["synth", "trajectories", "--tools", str(tools), "--scripted", "--out", str(out_file)]
+    status, out, _ = _run(capfd, *argv, "--agents", "1", "--tasks-per-agent", "2")
+    assert status == 0
+    last = out.strip().splitlines()[-1]
+    assert last == f"trajectories: 2 items: 2 accepted, 0 rejected, 0 failed; written to {out_file}"
+    assert "RunSummary(" not in out and "prompt tokens" not in out  # no all-zero request table
