@@ -301,8 +301,8 @@ def environment_report() -> list[tuple[str, str]]:
     features = {
         "AVX2": "avx2" in flags,
         "AVX512": "avx512f" in flags,
-        "AVX512-BF16": "avx512_bf16" in flags or torch.cpu._is_avx512_bf16_supported(),
-        "AMX": "amx_tile" in flags or torch.cpu._is_amx_tile_supported(),
+        "AVX512-BF16": "avx512_bf16" in flags or getattr(torch.cpu, "_is_avx512_bf16_supported", bool)(),
+        "AMX": "amx_tile" in flags or getattr(torch.cpu, "_is_amx_tile_supported", bool)(),
     }
     rows = [
         ("openk2", __version__),
