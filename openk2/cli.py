@@ -4,10 +4,11 @@
 
 What every subcommand gets from here, so that no command has to do it itself:
 
-* One error style: a mistake is one line on stderr, `error: ...`, exit 2 for a usage error (a bad
-  flag, a value out of range, a bad `--config` file, anything raised as `ValueError`) and 1 for a
-  failure while running (a missing or broken file, no CUDA, ...). No traceback unless `--debug`.
-  Ctrl-C prints one line and exits 130.
+* One error style: a mistake is one line on stderr, `error: ...`, and no traceback unless `--debug`.
+  Exit 2 when the command line is wrong: a bad flag or value, a value out of range (`ValueError`), a
+  path that does not exist or is the wrong kind (a file where a directory belongs, a non-empty output
+  directory), a bad `--config` file. Exit 1 when the command fails while running: a corrupt
+  checkpoint, a busy port, a diverged run, anything unexpected. Ctrl-C prints one line, exit 130.
 * `--config FILE`: a TOML or JSON table whose keys are the command's flags (dashes or underscores);
   values are checked against each flag's type and choices, and flags on the command line win.
 * `--device`: a CUDA device on a machine without CUDA is refused before anything is loaded.
@@ -388,9 +389,13 @@ def _describe(e: BaseException) -> tuple[str, int]:
     """(message, exit status) of an exception that ends a command."""
     if isinstance(e, UsageError):
         return _one_line(e), 2
+    wrong_path = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+    status = 2 if isinstance(e, wrong_path) else 1
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         target = e.filename if e.filename2 is None else f"{e.filename} -> {e.filename2}"
-        return _one_line(f"{target}: {e.strerror}"), 1
+        return _one_line(f"{target}: {e.strerror}"), status
+    if isinstance(e, wrong_path):
+        return _one_line(e), 2
     if isinstance(e, ValueError):
         return _one_line(e), 2
     if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) and " " in e.args[0]:
@@ -484,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             return e.code or 0
         message = _one_line(e.code).removeprefix("error:").strip()
         print(f"error: {message}", file=sys.stderr)
-        return 1
+        return 2  # commands raise SystemExit("error: ...") for what they were given
     except BrokenPipeError:  # `openk2 ... | head`: the reader left; nothing to report
         sys.stderr.close()
         return 0

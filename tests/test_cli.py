@@ -119,7 +119,7 @@ def test_usage_and_runtime_errors(capsys, tmp_path):
     status, _, err = _run(capsys, "info", "--preset", "foo")
     assert status == 2 and "unknown preset 'foo'" in _one_error(err)
     status, _, err = _run(capsys, "sample", str(tmp_path / "missing"))
-    assert status == 1 and "neither a checkpoint" in _one_error(err)
+    assert status == 2 and "neither a checkpoint" in _one_error(err)
     status, _, err = _run(capsys, "sample")
     assert status == 2 and "MODEL or --model" in _one_error(err)
     status, _, err = _run(capsys, "nosuchcommand")

@@ -73,26 +73,26 @@ def _busy_port() -> socket.socket:
 # (case id, arguments, exit status, text the error line contains)
 CASES: list[tuple[str, list[str], int, str]] = [
     # missing or broken files
-    ("sample-missing", ["sample", "nowhere"], 1, "neither a checkpoint"),
+    ("sample-missing", ["sample", "nowhere"], 2, "neither a checkpoint"),
     ("sample-truncated", ["sample", "truncated"], 1, "truncated"),
     ("serve-truncated", ["serve", "truncated", "--port", "0"], 1, "truncated"),
     ("serve-bad-config-json", ["serve", "badconfig", "--port", "0"], 2, "not valid JSON"),
-    ("chat-missing", ["chat", "--model", "nowhere"], 1, "neither a checkpoint"),
-    ("info-missing-model", ["info", "--model", "nowhere"], 1, "nowhere"),
+    ("chat-missing", ["chat", "--model", "nowhere"], 2, "neither a checkpoint"),
+    ("info-missing-model", ["info", "--model", "nowhere"], 2, "nowhere"),
     ("info-unknown-preset", ["info", "--preset", "foo"], 2, "unknown preset 'foo'"),
     ("plan-unknown-preset", ["plan", "--preset", "foo"], 2, "unknown preset 'foo'"),
-    ("tokenizer-missing", ["tokenizer", "info", "--tokenizer", "nowhere"], 1, "nowhere"),
-    ("export-into-nonempty-dir", ["export", "ckpt", "full"], 1, "not empty"),
-    ("export-onto-a-file", ["export", "run", "afile"], 1, "afile"),
-    ("export-missing", ["export", "nowhere", "out-x"], 1, "neither a checkpoint"),
-    ("eval-missing-model", ["eval", "gym", "--model", "nowhere"], 1, "neither a checkpoint"),
-    ("eval-compare-missing", ["eval", "compare", "nowhere.json"], 1, "nowhere.json"),
-    ("sft-missing-data", ["sft", "nowhere.jsonl", "--init", "ckpt"], 1, "nowhere.jsonl"),
-    ("sft-init-not-checkpoint", ["sft", "chat.jsonl", "--init", "afile"], 1, "afile"),
+    ("tokenizer-missing", ["tokenizer", "info", "--tokenizer", "nowhere"], 2, "nowhere"),
+    ("export-into-nonempty-dir", ["export", "ckpt", "full"], 2, "not empty"),
+    ("export-onto-a-file", ["export", "run", "afile"], 2, "afile"),
+    ("export-missing", ["export", "nowhere", "out-x"], 2, "neither a checkpoint"),
+    ("eval-missing-model", ["eval", "gym", "--model", "nowhere"], 2, "neither a checkpoint"),
+    ("eval-compare-missing", ["eval", "compare", "nowhere.json"], 2, "nowhere.json"),
+    ("sft-missing-data", ["sft", "nowhere.jsonl", "--init", "ckpt"], 2, "nowhere.jsonl"),
+    ("sft-init-not-checkpoint", ["sft", "chat.jsonl", "--init", "afile"], 2, "afile"),
     (
         "synth-missing-input",
         ["synth", "rephrase", "--input", "nowhere.txt", "--out", "r.jsonl", "--model", "ckpt"],
-        1,
+        2,
         "nowhere.txt",
     ),  # fmt: skip
     (
@@ -101,11 +101,11 @@ CASES: list[tuple[str, list[str], int, str]] = [
         2,
         "nowhere.jsonl",
     ),  # fmt: skip
-    ("synth-out-is-dir", ["synth", "tools", "--out", "full", "--no-synthetic"], 1, "is a directory"),
+    ("synth-out-is-dir", ["synth", "tools", "--out", "full", "--no-synthetic"], 2, "is a directory"),
     (
         "train-out-dir-is-file",
         ["train", "--preset", "tiny", "--out-dir", "afile", "--steps", "1"],
-        1,
+        2,
         "afile",
     ),
     ("rl-missing-config", ["rl", "nowhere.json"], 2, "nowhere.json"),
@@ -205,7 +205,7 @@ def test_export_of_a_run_dir_works(world, tmp_path):
     assert (tmp_path / "exported" / "config.json").is_file()
     assert (tmp_path / "exported" / "tiktoken.model").is_file()
     again = _openk2(world, ["export", "run", str(tmp_path / "exported")])  # re-export: one line
-    assert _check("re-export", again, 1, "not empty") == []
+    assert _check("re-export", again, 2, "not empty") == []
 
 
 @pytest.mark.slow
