@@ -159,17 +159,40 @@ def test_chat_engine_honours_max_batch(ckpt):
     assert load_engine(str(ckpt), 3, None, None).stats()["slots"] == 3
 
 
-def test_sample_streams_and_accepts_a_run_dir(ckpt, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def run_dir(ckpt, tmp_path_factory):
+    """A training run directory whose latest checkpoint is `ckpt`'s model."""
     from openk2.checkpoint import load
     from openk2.checkpoint.store import save_checkpoint
+
+    path = tmp_path_factory.mktemp("run") / "run"
+    model, tok = load(ckpt)
+    save_checkpoint(path, 3, model, tok, {"step": 3})
+    return path
+
+
+def test_run_dir_is_accepted_by_info_tokenizer_and_eval(run_dir, tmp_path, capsys):
+    status, out, _ = _run(capsys, "info", "--config", str(run_dir), "--json")
+    assert status == 0 and json.loads(out)["parameters"]["total"] > 0
+    status, out, _ = _run(capsys, "tokenizer", "info", "--tokenizer", str(run_dir))
+    assert status == 0 and json.loads(out)["vocab_size"] == K2Tokenizer.byte_level().vocab_size
+    argv = ["eval", "gym", "--model", str(run_dir), "--envs", "arithmetic", "--n-tasks", "2", "--max-tokens"]
+    argv += ["8", "--out", str(tmp_path), "--no-progress", "--log-samples"]
+    status, out, err = _run(capsys, *argv)
+    assert status == 0, err
+    (result,) = tmp_path.glob("gym-run-step-0000003-*.json")  # the run's checkpoint, labelled with a hash
+    assert json.loads(result.read_text())["n_items"] == 2
+    samples = [json.loads(line) for line in result.with_suffix(".samples.jsonl").read_text().splitlines()]
+    assert len(samples) >= 2 and all("content" in s["response"] for s in samples)
+
+
+def test_sample_streams_and_accepts_a_run_dir(ckpt, run_dir, capsys):
     from openk2.train.sample import generate_text
 
     pieces: list[str] = []
     text = generate_text(str(ckpt), "Hi", max_new_tokens=30, temperature=0, on_text=pieces.append)
     assert len(pieces) > 1 and "Hi" + "".join(pieces) == text  # handed out piece by piece, nothing lost
-    model, tok = load(ckpt)
-    save_checkpoint(tmp_path / "run", 3, model, tok, {"step": 3})
-    argv = ["sample", str(tmp_path / "run"), "--prompt", "Hi", "--max-new-tokens", "30", "--temperature", "0"]
+    argv = ["sample", str(run_dir), "--prompt", "Hi", "--max-new-tokens", "30", "--temperature", "0"]
     status, out, err = _run(capsys, *argv)
     assert status == 0, err
     assert out == text + "\n"  # the run directory's latest checkpoint, greedy: the same text
