@@ -266,3 +266,10 @@ def test_synth_scripted_ends_with_a_plain_summary(tmp_path, capfd):
     last = out.strip().splitlines()[-1]
     assert last == f"trajectories: 2 items: 2 accepted, 0 rejected, 0 failed; written to {out_file}"
     assert "RunSummary(" not in out and "prompt tokens" not in out  # no all-zero request table
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(ValueError, match="unknown preset 'foo'"):
+        main(["--debug", "info", "--preset", "foo"])
+    with pytest.raises(ValueError, match="unknown preset 'foo'"):
+        main(["info", "--preset", "foo", "--debug"])  # after the subcommand too
