@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from openk2 import ModelConfig, Transformer
 from openk2.checkpoint import save_model
-from openk2.info import flops_per_token
+from openk2.model.size import flops_per_token
 
 
 def timed(fn, iters: int, warmup: int = 1) -> float:

@@ -20,7 +20,7 @@ from openk2.checkpoint import export as export_cli
 from openk2.checkpoint import load_model, save_model
 from openk2.checkpoint.export import export
 from openk2.checkpoint.store import save_checkpoint
-from openk2.data.corpus import read_corpus
+from openk2.corpus import read_corpus
 from openk2.tokenizer import K2Tokenizer
 
 transformers = pytest.importorskip("transformers")

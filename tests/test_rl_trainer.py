@@ -262,4 +262,4 @@ def test_openk2_rl_command(tmp_path):
     bad = subprocess.run(
         [sys.executable, "-m", "openk2.cli", "rl", str(tmp_path / "bad.json")], capture_output=True, text=True
     )
-    assert bad.returncode == 2 and "non-empty `envs`" in bad.stdout
+    assert bad.returncode == 2 and "non-empty `envs`" in bad.stderr

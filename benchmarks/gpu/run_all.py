@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from openk2 import ModelConfig, Transformer  # noqa: E402
 from openk2.checkpoint import save_model  # noqa: E402
-from openk2.info import count_parameters, flops_per_token  # noqa: E402
+from openk2.model.size import count_parameters, flops_per_token  # noqa: E402
 from openk2.optim import MuonClip  # noqa: E402
 
 DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0}

@@ -88,7 +88,7 @@ class LLMClient:
         self.stats.retries += result.attempts - 1
         if result.error is not None:
             self.stats.failures += 1
-            if result.error.startswith("context_length"):
+            if result.error.startswith("context_length") or "context_length_exceeded" in result.error:
                 raise ContextOverflow(result.error)
             if is_transient(result.error):
                 raise LLMError(f"gave up after {result.attempts} attempts: {result.error}")

@@ -40,7 +40,7 @@ import sys
 from dataclasses import dataclass, field, fields
 
 from openk2.config import ModelConfig
-from openk2.info import count_parameters, flops_per_token
+from openk2.model.size import count_parameters, flops_per_token
 
 # Per GPU: dense bf16 and fp8 peak TFLOP/s, HBM GB and TB/s, NVLink GB/s (one direction), network
 # GB/s (one 400 Gb/s NIC per GPU), host PCIe GB/s (Gen5 x16 one direction; Gen4 for the A100).

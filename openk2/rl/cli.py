@@ -19,9 +19,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         config = RLConfig.load(args.config)
-    except (OSError, ValueError, TypeError) as e:
-        print(f"openk2 rl: bad config {args.config}: {e}")
-        return 2
+    except (OSError, ValueError, TypeError) as e:  # one `error:` line on stderr, exit 2 (openk2/cli.py)
+        raise ValueError(f"bad config {args.config}: {e}") from None
     for name in ("out_dir", "steps", "seed"):
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))

@@ -81,9 +81,9 @@ class SamplingParams:
             f"top_p must be in [0, 1], got {self.top_p!r}",
         )
         need(
-            is_int(self.top_k) and self.top_k >= -1,
+            is_int(self.top_k) and -1 <= self.top_k < 2**31,
             "top_k",
-            f"top_k must be -1, 0 or positive, got {self.top_k!r}",
+            f"top_k must be -1, 0 or a positive int32, got {self.top_k!r}",
         )
         need(
             self.seed is None or (is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]),
