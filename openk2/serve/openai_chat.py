@@ -115,7 +115,7 @@ def check_tool_choice(value: Any, tools: list[dict] | None) -> str:
         return value
     if isinstance(value, dict) and isinstance(value.get("function"), dict):
         name = value["function"].get("name")
-        if not tools or name not in {t["function"]["name"] for t in tools}:
+        if not isinstance(name, str) or not tools or name not in {t["function"]["name"] for t in tools}:
             raise RequestError(f"tool_choice names {name!r:.80}, which is not among the tools", "tool_choice")
         return name
     raise RequestError("tool_choice must be 'auto', 'none', 'required' or a named function", "tool_choice")
