@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -473,7 +474,20 @@ def run_command(argv: list[str]) -> int:
     return int(result or 0)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """openk2's own warnings (a damaged checkpoint skipped, a corpus with invalid bytes) as one
+    `warning: ...` line on stderr; everyone else's the usual way."""
+    if category.__module__.startswith("openk2"):
+        print(f"warning: {_one_line(str(message))}", file=file or sys.stderr)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_default_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     end = argv.index("--") if "--" in argv else len(argv)
     debug = "--debug" in argv[:end] or os.environ.get("OPENK2_DEBUG") == "1"
