@@ -103,3 +103,63 @@ def load_trainer_state(path: str | os.PathLike) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no {STATE_FILE}; this is a model checkpoint, not a training one")
     return torch.load(file, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Minimal fallback for the run-integrity API the training driver calls (openk2.train.run). The
+# `integrity` branch replaces this block with the checksummed-manifest implementation at merge.
+
+_save_checkpoint_plain = save_checkpoint
+
+
+def save_checkpoint(  # noqa: F811 -- fallback signature with run_id, see above
+    run_dir: str | os.PathLike,
+    step: int,
+    model,
+    tokenizer,
+    trainer_state: dict,
+    keep: int = 2,
+    run_id: str | None = None,
+) -> Path:
+    """`save_checkpoint` recording the run's id in the trainer state."""
+    if run_id is not None:
+        trainer_state = {**trainer_state, "run_id": run_id}
+    return _save_checkpoint_plain(run_dir, step, model, tokenizer, trainer_state, keep=keep)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise ValueError naming what is wrong with a checkpoint directory (fallback: files present
+    and the trainer state readable)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json")
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"{path}: no weight files")
+    try:
+        load_trainer_state(path)
+    except Exception as e:  # a truncated pickle raises anything from EOFError to UnpicklingError
+        raise ValueError(f"{path}: unreadable {STATE_FILE} ({type(e).__name__}: {e})") from None
+
+
+def find_resumable(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint of the run that verifies; a warning for each newer bad one (never
+    deleted)."""
+    import warnings
+
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(ckpt)
+        except ValueError as e:
+            warnings.warn(f"skipping a damaged checkpoint: {e}", stacklevel=2)
+            continue
+        return ckpt
+    return None
+
+
+def clean_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporary directories that killed saves left behind; returns what was removed."""
+    root = Path(run_dir) / "checkpoints"
+    stale = sorted(root.glob(".tmp-step-*")) if root.is_dir() else []
+    for tmp in stale:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return stale
