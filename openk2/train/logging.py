@@ -148,7 +148,7 @@ class ConsoleLog:
             parts.append(f"{rate:,.0f} tok/s")
             if self.flops:
                 achieved = rate * self.flops / 1e12
-                parts.append(f"{achieved:.3g} TFLOP/s")
+                parts.append(f"{achieved:.3g} TFLOP/s" if achieved >= 1 else f"{achieved * 1e3:.3g} GFLOP/s")
                 if self.peak:
                     parts.append(f"MFU {100 * achieved / self.peak:.1f}%")
         if "lr" in record:

@@ -187,6 +187,8 @@ class Run:
             self.checkpoint = ckpt
             self.run_id = state.get("run_id")
             diff = config_difference(state.get("config") or {}, self.config)
+            if any(line.startswith("lr ") for line in diff):
+                diff.append("(the learning rate stays the checkpoint's: it is part of the optimizer state)")
             if diff and self.is_main:
                 print_err(
                     f"warning: resuming {d} with settings that differ from the run's: {'; '.join(diff)}"
