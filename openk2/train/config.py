@@ -125,6 +125,14 @@ class ModelOptions:
             raise ConfigError(f"--model-config {path}: not a readable JSON file ({e})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"--model-config {path}: expected a JSON object, got {type(data).__name__}")
+        hints = typing.get_type_hints(ModelConfig)
+        for key, value in data.items():  # bos/eos ids may be lists and rope settings vary: from_dict's
+            if key in hints and key not in ("extra", "bos_token_id", "eos_token_id", "rope_scaling"):
+                if not _matches(value, hints[key]):
+                    raise ConfigError(
+                        f"--model-config {path}: key {key!r} expects {_type_name(hints[key])}, "
+                        f"got {value!r} ({type(value).__name__})"
+                    )
         try:
             return ModelConfig.from_dict(data).validate()
         except (TypeError, ValueError) as e:

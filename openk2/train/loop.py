@@ -1,4 +1,4 @@
-"""The training loop, reusable by pre-training and SFT.
+"""The optimizer step of pre-training and SFT, and the pre-training run.
 
 Pieces, each usable on its own:
 
@@ -10,9 +10,13 @@ Pieces, each usable on its own:
   QK-Clip from the max logits of all the step's micro-batches, then the routing-bias update from the
   step's expert counts.
 * `Trainer.evaluate(batches)`, `Trainer.state_dict()` / `load_state_dict()` for checkpoints.
-* `pretrain(cfg)`: the whole pre-training run behind `openk2 train`. Under torchrun (or with a
-  parallel layout in `cfg.parallel`) it hands over to `openk2.distributed.train.pretrain_distributed`,
-  which runs the same steps on a pp x dp x ep mesh and writes the same checkpoints.
+* `StepTrainer`: what `Trainer` shares with the torchrun `DistributedTrainer` (aux-loss override,
+  counters, the schedule's learning rate).
+* `pretrain(cfg)`: the whole pre-training run behind `openk2 train`: the model (a preset or any HF
+  config.json), the data, and `drive_pretraining`, which runs either trainer on the one run driver
+  (`openk2.train.run.Run`: run directory, resume, logs, signals). Under torchrun (or with a parallel
+  layout in `cfg.parallel`) the trainer is `openk2.train.distributed.DistributedTrainer` on a
+  pp x dp x ep mesh, which writes the same checkpoints.
 """
 
 from __future__ import annotations
