@@ -319,11 +319,11 @@ def test_sigterm_saves_and_resume_is_bit_exact(corpus, tmp_path):
     full = tmp_path / "full"
     pretrain(tiny_cfg(corpus, full, steps=40, save_every=1000, eval_every=1000))
     run = tmp_path / "term"
-    args = [sys.executable, "-m", "openk2.cli", "train", "--preset", "tiny", "--corpus", corpus,
-            "--out-dir", str(run), "--steps", "40", "--batch-size", "2", "--seq-len", "32",
-            "--grad-accum", "2", "--lr", "0.01", "--warmup-steps", "2", "--eval-every", "1000", "--eval-batches", "1",
-            "--save-every", "1000", "--keep-checkpoints", "10", "--threads", "1", "--no-progress",
-            "--no-tensorboard", "--no-sample"]  # fmt: skip
+    flags = "--steps 40 --batch-size 2 --seq-len 32 --grad-accum 2 --lr 0.01 --warmup-steps 2 "
+    flags += "--eval-every 1000 --eval-batches 1 --save-every 1000 --keep-checkpoints 10 --threads 1 "
+    flags += "--no-progress --no-tensorboard --no-sample"
+    args = [sys.executable, "-m", "openk2.cli", "train", "--preset", "tiny", "--corpus", corpus, "--out-dir",
+            str(run), *flags.split()]  # fmt: skip
     proc = subprocess.Popen(args, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 300
