@@ -329,3 +329,15 @@ def test_openk2_rl_command(tmp_path):
         r = subprocess.run([sys.executable, "-m", "openk2.cli", "rl", str(path), "--out-dir", str(out / "x"),
                             *extra], capture_output=True, text=True, timeout=120)  # fmt: skip
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def test_train_warns_when_no_group_has_reward_spread(tmp_path):
+    """A budget too short for any answer: every sample scores the same, the step has no RL signal,
+    and the console says so."""
+    lines = []
+    envs = [{**ARITH, "max_tokens": 2}]
+    cfg = _config(tmp_path, envs=envs, truncation_penalty=0.0, steps=1, eval_tasks=2)
+    RLTrainer(cfg, model=_model(), log_fn=lines.append).train()
+    warnings = [line for line in lines if "no group has reward spread" in line]
+    assert warnings and warnings[0].startswith("warning: step 1:")
+    assert lines[-1] == "warning: 1 of 1 steps had no reward spread in any group"
