@@ -34,7 +34,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -101,7 +101,6 @@ class LoopResult:
     record: dict | None  # the last step's record
     seconds: float
     interrupted: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run
-    records: list[dict] = field(default_factory=list)
 
 
 class Run:
@@ -198,6 +197,10 @@ class Run:
             if move_aside:
                 stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
                 aside = d.with_name(f"{d.name}.old-{stamp}")
+                n = 1
+                while aside.exists():  # two overwrites within a second
+                    n += 1
+                    aside = d.with_name(f"{d.name}.old-{stamp}-{n}")
                 d.rename(aside)
                 print_err(f"moved the old run in {d} to {aside}")
             elif d.is_dir():
