@@ -284,6 +284,11 @@ def test_train_writes_a_servable_run_and_resumes(tmp_path):
     history = longer.train()
     assert [h["step"] for h in history] == [0, 1, 2, 3]
     assert load_trainer_state(longer.checkpoint)["run_id"] == state["run_id"]
+    # a run directory is a valid `model` / --init: the latest checkpoint, with its tokenizer
+    follow = RLTrainer(RLConfig.from_dict({"envs": [ARITH], "model": str(tmp_path / "run")}), log_fn=None)
+    weights = load(longer.checkpoint)[0].state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in follow.model.state_dict().items())
+    assert follow.tokenizer.vocab_size == 512
 
 
 @pytest.mark.slow
