@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -318,6 +319,13 @@ def pretrain_distributed(cfg: TrainConfig, model_cfg, resume: bool = True, overw
     parallel = resolve_layout(cfg.parallel)
     if cfg.document_mask and parallel.pp > 1:
         raise ValueError("--document-mask needs --pp 1: segment ids are not passed through the pipeline")
+    # torch deprecates the collective names DistributedMuon uses (they still work); one warning per
+    # rank per run is noise for the user, not news
+    warnings.filterwarnings(
+        "ignore",
+        r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+        FutureWarning,
+    )
     init_from_env("gloo")
     mesh = setup(parallel)
     try:
