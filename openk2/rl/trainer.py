@@ -241,9 +241,9 @@ class RLTrainer:
 
             tokenizer = load_tokenizer(checkpoint, model.config.vocab_size)
         if tokenizer is None:
-            from openk2.train.loop import load_tokenizer
+            from openk2.train.loop import tokenizer_by_name
 
-            tokenizer = load_tokenizer(c.tokenizer, model.config.vocab_size)
+            tokenizer = tokenizer_by_name(c.tokenizer, model.config.vocab_size)
         self.tokenizer = tokenizer
         self.model.train()
         # The engine serves its own copy of the weights, as a colocated inference engine does;

@@ -259,7 +259,7 @@ class Trainer(StepTrainer):
         return run.save(self.step, self.model, tokenizer, {**self.state_dict(), **extra})
 
 
-def load_tokenizer(name: str, vocab_size: int):
+def tokenizer_by_name(name: str, vocab_size: int):
     """The run's tokenizer by name ("auto": byte-level for vocabularies up to 512, else default)."""
     from openk2.tokenizer.tokenizer import K2Tokenizer
 
@@ -292,7 +292,7 @@ def prepare_data(cfg: TrainConfig, vocab_size: int):
     process of a distributed run builds the same loader and so sees the same global batches."""
     from openk2.train.data import PackedLoader, split_tokens, tokenize_corpus
 
-    tokenizer = load_tokenizer(cfg.tokenizer, vocab_size)
+    tokenizer = tokenizer_by_name(cfg.tokenizer, vocab_size)
     t_tok = time.perf_counter()
     tokens = tokenize_corpus(cfg.corpus, tokenizer, max_chars=cfg.max_chars)
     t_tok = time.perf_counter() - t_tok
