@@ -4,21 +4,28 @@
 
 Both models run in float32 on the CPU with the same thread count. openk2 is timed twice for the
 training step: with its default SDPA attention, and with the explicit-logits attention that records
-the per-head max logit for QK-Clip (what `openk2 train` uses).
+the per-head max logit for QK-Clip (what `openk2 train` uses). Each figure is also given as model
+GFLOP/s (3x the forward matmul FLOPs for a training step) and as a fraction of this machine's fp32
+matmul peak, measured by `benchmarks/peak.py` in the same run at the same thread count.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from openk2 import ModelConfig, Transformer
 from openk2.checkpoint import save_model
+from openk2.model.size import flops_per_token
 
 
 def timed(fn, iters: int, warmup: int = 1) -> float:
@@ -86,13 +93,28 @@ def main() -> None:
     rows.append(("train step, recording max logits", t_hf, t_ours_stats, t_hf / t_ours_stats))
     rows.append(("forward (no grad)", f_hf, f_ours, f_hf / f_ours))
 
+    from peak import describe, measure_peaks
+
+    peaks = measure_peaks(torch.get_num_threads())
+    fp32 = peaks["fp32 peak"]
+    forward = flops_per_token(cfg, context=args.seq // 2)["forward"] * tokens
+    flops = {"train step (fwd+bwd)": 3 * forward, "train step, recording max logits": 3 * forward}
+    flops["forward (no grad)"] = forward
     print(
         f"preset={args.preset} batch={args.batch} seq={args.seq} threads={torch.get_num_threads()} "
         f"torch={torch.__version__} max|logit diff|={diff:.2e}"
     )
-    print(f"{'workload':<34} {'transformers s':>15} {'openk2 s':>10} {'speedup':>8} {'openk2 tok/s':>13}")
+    print(describe(peaks))
+    print(
+        f"{'workload':<34} {'transformers s':>15} {'openk2 s':>10} {'speedup':>8} {'openk2 tok/s':>13}"
+        f" {'openk2 GFLOP/s':>15} {'of fp32 peak':>13} {'transformers':>13}"
+    )
     for name, a, b, r in rows:
-        print(f"{name:<34} {a:>15.3f} {b:>10.3f} {r:>7.2f}x {tokens / b:>13,.0f}")
+        ours_gf, hf_gf = flops[name] / b / 1e9, flops[name] / a / 1e9
+        print(
+            f"{name:<34} {a:>15.3f} {b:>10.3f} {r:>7.2f}x {tokens / b:>13,.0f} {ours_gf:>15.1f}"
+            f" {100 * ours_gf / fp32:>12.1f}% {100 * hf_gf / fp32:>12.1f}%"
+        )
 
 
 if __name__ == "__main__":

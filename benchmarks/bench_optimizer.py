@@ -1,5 +1,7 @@
 """Optimizer step overhead: MuonClip (Newton-Schulz on every matrix + QK-Clip) vs torch's AdamW on
-the same model and the same gradients. Prints a table with the ratio to AdamW.
+the same model and the same gradients. Prints a table with the ratio to AdamW, and for the Muon rows
+the Newton-Schulz GFLOP/s as a fraction of this machine's matmul peak in the NS precision (measured by
+`benchmarks/peak.py` in the same run).
 
     python benchmarks/bench_optimizer.py [--preset small] [--repeats 10]
 """
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from openk2 import ModelConfig, Transformer  # noqa: E402
 from openk2.optim import MuonClip  # noqa: E402
@@ -31,6 +34,19 @@ def time_steps(opt, model, repeats: int, before=None) -> float:
         opt.step()
     sync()
     return (time.perf_counter() - t) / repeats
+
+
+def newton_schulz_flops(model, steps: int = 5) -> float:
+    """FLOPs of one Muon step's orthogonalisation: every matrix but the embedding and the head,
+    stacked experts one matrix each; per iteration X X^T, A A and B X: 4 m^2 n + 2 m^3 (m <= n)."""
+    total = 0.0
+    for name, prm in model.named_parameters():
+        if prm.ndim < 2 or "embed_tokens" in name or "lm_head" in name:
+            continue
+        m, n = sorted(prm.shape[-2:])
+        count = prm.numel() // (prm.shape[-2] * prm.shape[-1])
+        total += count * steps * (4 * m * m * n + 2 * m**3)
+    return total
 
 
 def main() -> None:
@@ -65,9 +81,22 @@ def main() -> None:
     print(f"{args.preset} preset, {n_params / 1e6:.1f}M parameters, device {args.device}, "
           f"torch threads {torch.get_num_threads()}; 'auto' Newton-Schulz precision here: "
           f"{resolve_ns_dtype('auto', torch.device(args.device))}")  # fmt: skip
-    print(f"{'optimizer':<46} {'ms/step':>10} {'vs AdamW':>10}")
+    from peak import describe, measure_peaks
+
+    on_cpu = args.device == "cpu"
+    peaks = measure_peaks(torch.get_num_threads()) if on_cpu else None
+    ns_flops = newton_schulz_flops(model)
+    auto = resolve_ns_dtype("auto", torch.device(args.device))
+    if peaks:
+        print(describe(peaks))
+    print(f"Newton-Schulz: {ns_flops / 1e9:.1f} GFLOP per step")
+    print(f"{'optimizer':<46} {'ms/step':>10} {'vs AdamW':>10} {'NS GFLOP/s':>11} {'of peak':>8}")
     for name, t in rows:
-        print(f"{name:<46} {t * 1e3:>10.1f} {t / base:>9.2f}x")
+        ratio = ""
+        if "Muon" in name and peaks:
+            dtype = "bf16" if "bf16" in name or ("auto" in name and auto == torch.bfloat16) else "fp32"
+            ratio = f"{ns_flops / t / 1e9:>11.1f} {100 * ns_flops / t / 1e9 / peaks[dtype + ' peak']:>7.1f}%"
+        print(f"{name:<46} {t * 1e3:>10.1f} {t / base:>9.2f}x {ratio}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ load average before and after. Run it with OMP_NUM_THREADS=1: with more
 OpenMP threads than free cores, spinning workers make timings several times slower and noisier
 (`torch.set_num_threads(1)` after start-up was not enough here; the environment variable is).
 
-A second table times the MoE decode strategies the engine chose between (see openk2/serve/forward.py)
+A second table times the MoE decode strategies the engine chose between (see openk2/model/moe.py)
 on one MoE layer of the same model, interleaved the same way.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_serve.py [--new-tokens 64 --prompt-len 64 --repeats 5]
@@ -38,7 +38,7 @@ from openk2.model.layers import swiglu
 from openk2.model.moe import MoE
 from openk2.model.transformer import Transformer
 from openk2.serve.engine import Engine
-from openk2.serve.forward import CachedForward, moe_forward
+from openk2.serve.forward import CachedForward
 from openk2.serve.sampling import SamplingParams
 from openk2.tokenizer.tokenizer import K2Tokenizer
 
@@ -102,11 +102,18 @@ def moe_dense(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return torch.bmm(h.transpose(0, 1), ex.down_proj.transpose(1, 2)).sum(0) + moe.shared_experts(x)
 
 
+def moe_sorted(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The training path for any number of tokens: (token, expert) pairs sorted by expert."""
+    weights, ids, _ = moe.gate(x)
+    counts = torch.bincount(ids.flatten(), minlength=moe.n_experts)
+    return moe.routed_local(x, weights, ids, counts) + moe.shared_experts(x)
+
+
 def moe_table(model: Transformer, repeats: int) -> list[tuple[int, dict[str, float]]]:
     moe = next(b.mlp for b in model.layers.values() if isinstance(b.mlp, MoE))
     ways = {
-        "engine (host loop / sorted)": lambda x: moe_forward(moe, x),
-        "model (sorted, all experts unbound)": moe,
+        "engine (host loop / sorted)": moe,
+        "model (sorted, all experts unbound)": lambda x: moe_sorted(moe, x),
         "gather chosen weights + bmm": lambda x: moe_gather_bmm(moe, x),
         "dense over all experts": lambda x: moe_dense(moe, x),
     }

@@ -14,7 +14,7 @@ import time
 
 import tiktoken
 
-from openk2.data.corpus import read_corpus
+from openk2.corpus import read_corpus
 from openk2.tokenizer.tokenizer import ASSETS_DIR, K2Tokenizer, default_special_names, load_tiktoken_model
 
 

@@ -45,12 +45,15 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """uvicorn serving `create_app(engine)` in a background thread, on a free loopback port."""
+    """uvicorn serving `create_app(engine, **app_options)` in a background thread, on a free loopback
+    port."""
 
-    def __init__(self, engine: Engine, api_key: str | None = None, constrained_tools: bool = True):
+    def __init__(
+        self, engine: Engine, api_key: str | None = None, constrained_tools: bool = True, **app_options
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(engine, MODEL, api_key=api_key, constrained_tools=constrained_tools)
+        app = create_app(engine, MODEL, api_key=api_key, constrained_tools=constrained_tools, **app_options)
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         )

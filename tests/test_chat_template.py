@@ -12,6 +12,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 from openk2.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
     JINJA_TEMPLATE,
+    THINKING_JINJA_TEMPLATE,
     K2Tokenizer,
     assistant_message,
     encode_chat,
@@ -71,16 +72,16 @@ def tok() -> K2Tokenizer:
     return K2Tokenizer.default()
 
 
-def jinja(messages, tools=None, add_generation_prompt=False) -> str:
+def jinja(messages, tools=None, add_generation_prompt=False, template=JINJA_TEMPLATE) -> str:
     out = render_jinja_template(
-        [messages], tools=tools, chat_template=JINJA_TEMPLATE, add_generation_prompt=add_generation_prompt
+        [messages], tools=tools, chat_template=template, add_generation_prompt=add_generation_prompt
     )
     return out[0][0] if isinstance(out, tuple) else out[0]
 
 
 def test_exact_wire_format():
-    tools_json = json.dumps([WEATHER], separators=(",", ":"), sort_keys=True)
-    assert tools_json.startswith('[{"function":{"description"')
+    tools_json = json.dumps([WEATHER], ensure_ascii=False)  # as the template's tojson: key order kept
+    assert tools_json.startswith('[{"type": "function", "function": {"name"')
     messages = [
         {"role": "user", "content": "Weather?"},
         {
@@ -93,13 +94,13 @@ def test_exact_wire_format():
         {"role": "tool", "tool_call_id": "functions.get_weather:0", "name": "get_weather", "content": "{}"},
     ]
     expected = (
-        f"<|im_system|>tool_declare<|im_middle|>{tools_json}<|im_end|>"
+        f"<|im_system|>tool_declare<|im_middle|>\n  # Tools\n  {tools_json}<|im_end|>"
         f"<|im_system|>system<|im_middle|>{DEFAULT_SYSTEM_PROMPT}<|im_end|>"
         "<|im_user|>user<|im_middle|>Weather?<|im_end|>"
         "<|im_assistant|>assistant<|im_middle|><|tool_calls_section_begin|><|tool_call_begin|>"
         'functions.get_weather:0<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|>'
         "<|tool_calls_section_end|><|im_end|>"
-        "<|im_system|>get_weather<|im_middle|>## Return of functions.get_weather:0\n{}<|im_end|>"
+        "<|im_system|>get_weather<|im_middle|>## Return of functions.get_weather:0\n    {}<|im_end|>"
         "<|im_assistant|>assistant<|im_middle|>"
     )
     assert render(messages, tools=[WEATHER], add_generation_prompt=True) == expected
@@ -108,16 +109,24 @@ def test_exact_wire_format():
 
 def test_default_system_prompt_only_when_missing():
     assert DEFAULT_SYSTEM_PROMPT in render([{"role": "user", "content": "hi"}])
-    assert DEFAULT_SYSTEM_PROMPT in render([])
+    assert render([]) == ""  # K2-Instruct-0905 adds it only before a first message
+    assert DEFAULT_SYSTEM_PROMPT in render([], variant="thinking")  # K2-Thinking always does
     own = render([{"role": "system", "content": "S"}, {"role": "user", "content": "hi", "name": "bob"}])
     assert own == "<|im_system|>system<|im_middle|>S<|im_end|><|im_user|>bob<|im_middle|>hi<|im_end|>"
 
 
-def test_jinja_matches_code_on_a_full_conversation():
+TEMPLATES = {"instruct": JINJA_TEMPLATE, "thinking": THINKING_JINJA_TEMPLATE}
+
+
+@pytest.mark.parametrize("variant", TEMPLATES)
+def test_jinja_matches_code_on_a_full_conversation(variant):
+    t = TEMPLATES[variant]
     for gen in (False, True):
         for tools in (None, [WEATHER, DOTTED]):
-            assert jinja(CONVERSATION, tools, gen) == render(CONVERSATION, tools, gen)
-            assert jinja(CONVERSATION[1:], tools, gen) == render(CONVERSATION[1:], tools, gen)
+            assert jinja(CONVERSATION, tools, gen, t) == render(CONVERSATION, tools, gen, variant=variant)
+            assert jinja(CONVERSATION[1:], tools, gen, t) == render(
+                CONVERSATION[1:], tools, gen, variant=variant
+            )
 
 
 texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
@@ -130,17 +139,24 @@ texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
         max_size=6,
     ),
     st.booleans(),
+    st.sampled_from(sorted(TEMPLATES)),
 )
-def test_jinja_matches_code_on_random_conversations(turns, gen):
-    messages = []
+def test_jinja_matches_code_on_random_conversations(turns, gen, variant):
+    messages, awaiting = [], 0
     for i, (role, text, flag) in enumerate(turns):
         m = {"role": role, "content": text if flag else [{"type": "text", "text": text}]}
-        if role == "tool":
+        if role == "tool" and (flag or not awaiting):
             m["tool_call_id"] = f"functions.f:{i}"
+        awaiting = max(0, awaiting - 1) if role == "tool" else awaiting
+        if role == "assistant":
+            m["reasoning_content"] = text[::-1]
         if role == "assistant" and flag:
             m["tool_calls"] = [{"type": "function", "function": {"name": "f.g-h", "arguments": {"q": text}}}]
+            awaiting += 1
         messages.append(m)
-    assert jinja(messages, [WEATHER], gen) == render(messages, [WEATHER], gen)
+    assert jinja(messages, [WEATHER], gen, TEMPLATES[variant]) == render(
+        messages, [WEATHER], gen, variant=variant
+    )
 
 
 def test_encode_chat_specials_and_mask(tok):

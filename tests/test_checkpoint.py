@@ -84,9 +84,10 @@ def test_fp8_round_trip(tiny_model, tmp_path):
     with safe_open(str(tmp_path / index[key]), "pt") as f:
         assert f.get_tensor(key).dtype == torch.float8_e4m3fn
     with safe_open(str(tmp_path / index["model.embed_tokens.weight"]), "pt") as f:
-        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float32  # stays high precision
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16  # config.json's dtype
     with safe_open(str(tmp_path / index["model.layers.1.mlp.gate.weight"]), "pt") as f:
-        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.float32
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == torch.bfloat16
+        assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == torch.float32
 
     loaded = load_model(tmp_path, dtype=torch.float32)
     reference = Transformer(tiny_model.config)
@@ -102,8 +103,9 @@ def test_fp8_round_trip(tiny_model, tmp_path):
                     q, s = quantize_block_fp8(p0[e])
                     assert (p[e] - p0[e]).abs().le(fp8_error_bound(p0[e], s) + 1e-12).all(), name
                     dict(reference.named_parameters())[name][e].copy_(dequantize_block_fp8(q, s))
-            else:
-                assert torch.equal(p, p0), name
+            else:  # stored in bfloat16
+                assert torch.equal(p, p0.to(torch.bfloat16).float()), name
+                dict(reference.named_parameters())[name].copy_(p)
         ids = torch.randint(0, 512, (2, 24))
         got, exact, original = loaded(ids), reference(ids), tiny_model(ids)
     assert (got - exact).abs().max().item() < 1e-6

@@ -9,7 +9,8 @@ import torch
 
 from openk2 import ModelConfig, Transformer
 from openk2.checkpoint import load_model, save_model
-from openk2.info import count_parameters, kv_cache_bytes_per_token
+from openk2.model.size import count_parameters, kv_cache_bytes_per_token
+from openk2.model.transformer import LatentForward
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM  # noqa: E402
@@ -127,20 +128,38 @@ def test_segment_ids_isolate_packed_documents():
         assert torch.allclose(out[:, 10:], model(b), atol=1e-5)
 
 
-def test_latent_attention_matches_expanded_attention():
-    """The absorbed inference path (cache of c_kv + k_rope only) computes the same attention."""
+@pytest.mark.parametrize("fold", [True, False])
+def test_latent_cache_decode_equals_training_forward(fold):
+    """The inference path (`LatentForward`: absorbed attention against a cache of c_kv + k_rope only,
+    W_uk/W_uv folded or not) gives the training forward's logits: a prefill of right-padded prompts
+    of two lengths, then decode steps that each read the rows written so far, batched and alone."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.from_preset("tiny")).eval()
-    attn = model.layers["0"].self_attn
-    x = torch.randn(2, 9, 64)
-    cos, sin = model.rotary(torch.arange(9))
+    cfg = ModelConfig.from_preset("tiny")
+    model = Transformer(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    lengths = torch.tensor([7, 5])
+    latent = LatentForward(model, max_seq_len=16, fold=fold)
+    kv = torch.zeros(cfg.num_hidden_layers, 2, 16, cfg.kv_cache_dim)
+
+    def store(layer: int, entry: torch.Tensor) -> None:
+        kv[layer, :, : entry.shape[1]] = entry
+
     with torch.no_grad():
-        want = attn(x, cos, sin)
-        cache = attn.compress(x, cos, sin)
-        causal = torch.ones(9, 9, dtype=torch.bool).tril().expand(2, 9, 9)
-        got = attn.forward_latent(x, cos, sin, cache, causal)
-    assert cache.shape == (2, 9, 32 + 8)
-    assert (got - want).abs().max().item() < 1e-5
+        want = model(ids)  # causal: position p's logits depend on ids[:, : p + 1] only
+        got = latent.prefill(ids[:, :7], lengths, store)
+        torch.testing.assert_close(got, want[[0, 1], lengths - 1], atol=1e-4, rtol=1e-4)
+        pos = lengths.clone()
+        for _ in range(4):
+            allowed = torch.arange(11)[None, :] < pos[:, None]
+            logits, entries = latent.step(ids[[0, 1], pos], pos, allowed, kv[:, :, :11])
+            kv[:, [0, 1], pos] = entries
+            torch.testing.assert_close(logits, want[[0, 1], pos], atol=1e-4, rtol=1e-4)
+            pos += 1
+        # one sequence alone (its MoE layers loop over the token's experts on the host)
+        allowed = torch.arange(11)[None, :] < pos[:1, None]
+        logits, _ = latent.step(ids[:1, 11], pos[:1], allowed, kv[:, :1, :11])
+        torch.testing.assert_close(logits, want[:1, 11], atol=1e-4, rtol=1e-4)
+    assert kv.shape[-1] == 32 + 8  # kv_lora_rank + qk_rope_head_dim per token and layer
 
 
 def test_router_bias_selects_but_does_not_weight():
@@ -175,8 +194,8 @@ def test_forward_exposes_max_logits_and_expert_counts():
     with torch.no_grad():
         x = model.layers["0"].input_layernorm(model.embed_tokens(ids))
         cos, sin = model.rotary(torch.arange(16))
-        q_nope, q_rope = attn.queries(x, cos, sin)
-        c, k_rope = attn.compress(x, cos, sin).split([attn.kv_lora_rank, attn.rope_dim], -1)
+        q_nope, q_rope, latent = attn.project(x, cos, sin)
+        c, k_rope = latent.split([attn.kv_lora_rank, attn.rope_dim], -1)
         k_nope = attn.kv_b_proj(c).view(3, 16, 4, -1)[..., : attn.nope_dim]
         s = torch.einsum("bshd,bthd->bhst", q_nope, k_nope) + torch.einsum("bshd,btd->bhst", q_rope, k_rope)
         s = (s * attn.softmax_scale).masked_fill(~torch.ones(16, 16, dtype=torch.bool).tril(), -1e9)

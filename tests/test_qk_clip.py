@@ -29,8 +29,8 @@ def mla_and_input(q_lora_rank):
 
 def all_logits(attn, x, cos, sin):
     """Every head's full pre-softmax score matrix (B, H, S, S), masked entries removed."""
-    q_nope, q_rope = attn.queries(x, cos, sin)
-    c_kv, k_rope = attn.compress(x, cos, sin).split([attn.kv_lora_rank, attn.rope_dim], dim=-1)
+    q_nope, q_rope, latent = attn.project(x, cos, sin)
+    c_kv, k_rope = latent.split([attn.kv_lora_rank, attn.rope_dim], dim=-1)
     k_nope = attn.kv_b_proj(c_kv).view(*x.shape[:2], attn.n_heads, -1)[..., : attn.nope_dim]
     s = torch.einsum("bshd,bthd->bhst", q_nope, k_nope) + torch.einsum("bshd,btd->bhst", q_rope, k_rope)
     return s * attn.softmax_scale

@@ -11,7 +11,7 @@ import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from openk2.data.corpus import read_corpus, shakespeare_files, stdlib_python_files
+from openk2.corpus import read_corpus, shakespeare_files, stdlib_python_files
 from openk2.tokenizer import JINJA_TEMPLATE, K2_PATTERN, IncrementalDecoder, K2Tokenizer
 from openk2.tokenizer.tokenizer import MAX_RUN_CHARS, SPECIAL_ATTRS, default_special_names
 

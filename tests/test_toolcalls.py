@@ -28,10 +28,15 @@ def call(cid: str, args: str) -> str:
 
 
 def stream(text: str, sizes: list[int], tools=None):
-    """Feed `text` in chunks of the given sizes (cycled); return (deltas, parser)."""
+    """Feed `text` in chunks of the given sizes (cycled); return (deltas, parser).
+
+    A chunk never ends on the `<` that starts a marker: a lone trailing `<` is released as
+    text by design (decoded ids never split a marker, which is one token)."""
     parser, deltas, pos, i = StreamingToolCallParser(tools), [], 0, 0
     while pos < len(text):
         n = sizes[i % len(sizes)] if sizes else len(text)
+        if text[pos : pos + n].endswith("<") and any(text.startswith(m, pos + n - 1) for m in MARKERS):
+            n += 1
         deltas += parser.feed(text[pos : pos + n])
         pos, i = pos + n, i + 1
     deltas += parser.finish()
@@ -89,8 +94,11 @@ def test_cut_by_eos_is_reported_not_raised():
         assert p.content == "ok" and [c.complete for c in p.tool_calls] == [True, False]
         assert p.tool_calls[1].arguments == '{"q": "hal' and not p.tool_calls[1].valid_json
         assert any("incomplete" in e for e in p.errors) and any("not closed" in e for e in p.errors)
-    p = parse_tool_calls(SB + CB + "functions.a")  # cut inside the id
-    assert p.tool_calls[0].name == "a" and p.tool_calls[0].arguments == ""
+    for cut in (SB + CB + "functions.a", SB + CB, "ok" + SB + CB + "<|im_end|>"):  # cut before arguments
+        p = parse_tool_calls(cut)
+        assert p.tool_calls == [] and any("cut before its arguments" in e for e in p.errors)
+        deltas, parser = stream(cut, [1])
+        assert parser.result() == p and all(d.index is None for d in deltas)
 
 
 def test_invalid_json_and_unoffered_tools_are_flagged():
@@ -251,3 +259,21 @@ def test_token_by_token_through_the_incremental_decoder(tok):
     result = parser.result()
     assert result.errors == [] and assistant_message(result) == message
     assert assemble(deltas)[0] == message["content"]
+
+
+def test_deep_nesting_is_reported_not_raised():
+    """Arguments nested past Python's recursion limit: flagged as unchecked JSON, never raised."""
+    for depth in (1_000, 100_000):
+        args = '{"a": ' * depth + "1" + "}" * depth
+        text = SB + call("functions.a:0", args) + SE
+        p = parse_tool_calls(text, tools=["a"])
+        assert p.tool_calls[0].arguments == args and not p.tool_calls[0].valid_json
+        deltas, parser = stream(text, [4096], tools=["a"])
+        assert parser.result() == p
+
+
+def test_argument_whitespace_is_stripped_as_it_streams():
+    text = "x" + SB + CB + "functions.a:0" + AB + '  {"k": "a b"}  \n' + CE + SE
+    deltas, parser = stream(text, [1])
+    args = [d.arguments for d in deltas if d.index is not None and d.id is None]
+    assert "".join(args) == '{"k": "a b"}' == parser.result().tool_calls[0].arguments

@@ -36,6 +36,8 @@ _EXPERT = re.compile(r"^layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_pro
 _FP8_WEIGHT = re.compile(
     r"\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$"
 )
+# Tensors the released checkpoint keeps in float32 whatever the weights' dtype (the routing bias).
+FP32_TENSOR_SUFFIXES = ("e_score_correction_bias",)
 FP8_QUANTIZATION_CONFIG = {
     "quant_method": "fp8",
     "fmt": "e4m3",
@@ -85,7 +87,9 @@ def save_pretrained(
     rope_format: str = "legacy",
 ) -> None:
     """Write config.json, sharded safetensors and the index. With fp8=True the projection matrices are
-    written as block-FP8 e4m3 plus `weight_scale_inv` (router, norms, embeddings, LM head unchanged)."""
+    written as block-FP8 e4m3 plus `weight_scale_inv`, and the other tensors (router, norms,
+    embeddings, LM head) in bfloat16, the dtype config.json then names; the routing bias stays
+    float32, as in the released K2 checkpoint."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -122,6 +126,8 @@ def save_pretrained(
             q, scale_inv = quantize_block_fp8(t.detach())
             add(key, q)
             add(key + "_scale_inv", scale_inv)
+        elif fp8 and t.is_floating_point() and not key.endswith(FP32_TENSOR_SUFFIXES):
+            add(key, t.to(torch.bfloat16))  # the dtype config.json names, as in the released weights
         else:
             add(key, t)
     _flush(shards, path)

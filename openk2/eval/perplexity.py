@@ -42,7 +42,7 @@ class PerplexityConfig:
 def held_out_text(source: str, chars: int) -> str:
     """The last `chars` characters of the corpus as `read_corpus` joins it, reading only the files
     needed, from the last one back."""
-    from openk2.data.corpus import corpus_files, read_text
+    from openk2.corpus import corpus_files, read_text
 
     pieces, total = [], 0
     for path in reversed(corpus_files(source)):

@@ -14,16 +14,24 @@ Expert compute never loops over tokens: the (token, expert) pairs are sorted by 
 runs one matmul over a contiguous slice. The expert weights are stacked (E, out, in) tensors, which
 is what Muon's batched Newton-Schulz and expert parallelism want; the checkpoint code maps them to
 the per-expert keys of the real K2 checkpoint.
+
+Decoding (no gradients) takes two shortcuts with the same arithmetic: a single token loops over its
+k experts with the ids on the host (no sort, no scatter, no bincount), and under torch.compile every
+(token, expert) pair is a multiply-and-sum against the expert's weights indexed in place
+(`Experts.forward_in_place`), which has no data-dependent shapes. Neither records expert counts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.layers import MLP, swiglu
+from openk2.model.layers import MLP, linear, swiglu, swiglu_ffn
+
+ExpertFFN = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Gate(nn.Module):
@@ -40,7 +48,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, D) -> combine weights (T, k), expert ids (T, k), sigmoid scores (T, E), all float32."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        scores = linear(x.float(), self.weight.float()).sigmoid()
         biased = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             grouped = biased.view(-1, self.n_group, self.n_experts // self.n_group)
@@ -67,8 +75,9 @@ class Experts(nn.Module):
         self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
-        # Save activations as FP8 for the backward (see openk2/train/memory.py); off by default.
-        self.fp8_activations = False
+        # Replaces `swiglu_ffn` when gradients are on: the trainer's memory options install one that
+        # saves its activations in FP8 (openk2/train/memory.py). Same signature as swiglu_ffn.
+        self.training_ffn: ExpertFFN | None = None
 
     @property
     def n_local(self) -> int:
@@ -80,16 +89,33 @@ class Experts(nn.Module):
         # split/unbind rather than indexing: their backward is one cat/stack, where indexing would
         # build a zero-filled full-size gradient per expert.
         gate, up, down = self.gate_proj.unbind(0), self.up_proj.unbind(0), self.down_proj.unbind(0)
+        ffn = self.training_ffn if self.training_ffn is not None and torch.is_grad_enabled() else swiglu_ffn
         for e, xe in enumerate(x.split(counts)):
-            if xe.shape[0] == 0:
-                continue
-            if self.fp8_activations and torch.is_grad_enabled():
-                from openk2.train.memory import fp8_expert_ffn
-
-                outs.append(fp8_expert_ffn(xe, gate[e], up[e], down[e]))
-                continue
-            outs.append(swiglu(xe @ gate[e].T, xe @ up[e].T) @ down[e].T)
+            if xe.shape[0] > 0:
+                outs.append(ffn(xe, gate[e], up[e], down[e]))
         return torch.cat(outs) if outs else x.new_zeros(0, self.down_proj.shape[1])
+
+    def forward_one(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """One token x (1, D) through its chosen experts ids (1, k) with combine weights (1, k), looping
+        on the host over the k experts. Needs every expert on this rank (no expert parallelism)."""
+        out = None
+        for e, w in zip(ids[0].tolist(), weights[0].tolist()):
+            y = swiglu_ffn(x, self.gate_proj[e], self.up_proj[e], self.down_proj[e])
+            out = y.mul_(w) if out is None else out.add_(y, alpha=w)
+        return out
+
+    def forward_in_place(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Every (token, expert) pair as multiply-and-sum against the expert's weights indexed in place:
+        written this way, with no data-dependent shapes, inductor fuses the indexing into the loop that
+        reads the weights, so only the chosen experts are read and nothing is copied. Pairs are sorted
+        by expert so that two tokens on one expert read its weights while they are still in cache."""
+        k = ids.shape[1]
+        experts, order = ids.flatten().sort()
+        token = order // k
+        xs = x[token].unsqueeze(1)  # (P, 1, D)
+        h = swiglu((self.gate_proj[experts] * xs).sum(-1), (self.up_proj[experts] * xs).sum(-1))
+        y = (self.down_proj[experts] * h.unsqueeze(1)).sum(-1) * weights.flatten()[order].unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
 
 class MoE(nn.Module):
@@ -117,6 +143,11 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, ids, scores = self.gate(flat)
+        if self.dispatcher is None and not torch.is_grad_enabled():
+            if torch.compiler.is_compiling():
+                return self._with_shared(self.experts.forward_in_place(flat, weights, ids).view(shape), x)
+            if flat.shape[0] == 1:
+                return self._with_shared(self.experts.forward_one(flat, weights, ids).view(shape), x)
         counts = torch.bincount(ids.flatten(), minlength=self.n_experts)
         self.expert_counts = counts.detach()
         if self.compute_aux_loss and self.training and self.aux_loss_alpha > 0:
@@ -125,10 +156,10 @@ class MoE(nn.Module):
             routed = self.dispatcher(self, flat, weights, ids, counts)
         else:
             routed = self.routed_local(flat, weights, ids, counts)
-        out = routed.view(shape)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        return self._with_shared(routed.view(shape), x)
+
+    def _with_shared(self, routed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return routed if self.shared_experts is None else routed + self.shared_experts(x)
 
     def routed_local(self, x: torch.Tensor, weights, ids, counts) -> torch.Tensor:
         """All experts on this rank: sort (token, expert) pairs by expert, run, weight, scatter back."""

@@ -2,9 +2,9 @@
 
 Only the `qk_rope_head_dim` decoupled dims of each query head and the one shared rope key are rotated.
 The checkpoint stores those dims as interleaved pairs (x0, x1), (x2, x3), ...; each pair is rotated by
-one frequency. We write the rotated pairs back de-interleaved ([all evens | all odds]); that is a fixed
-permutation applied to both queries and keys, so every q.k product, and hence the model, is unchanged,
-and it avoids a strided interleave copy.
+one frequency and stays where it is. (The reference implementation writes the rotated pairs back
+de-interleaved; that is one fixed permutation of both queries and keys, so every q.k product, and hence
+the model, is the same either way.) The latent cache holds the rotated key in this layout.
 """
 
 from __future__ import annotations
@@ -73,10 +73,16 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (..., seq, heads, dim) by angles given as cos/sin (..., seq, dim/2).
+    """Rotate the interleaved pairs (a, b) of x (..., seq, heads, dim) into (a cos - b sin, a sin + b cos),
+    angles given as cos/sin (..., seq, dim/2); computed in float32, returned in x's dtype.
 
-    Returns the rotated pairs de-interleaved (see the module docstring)."""
-    cos = cos.unsqueeze(-2).to(x.dtype)
-    sin = sin.unsqueeze(-2).to(x.dtype)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    Eagerly this is one complex multiply (few kernels, which matters in a decode step); under
+    torch.compile it is written in real arithmetic, since inductor does not generate code for complex.
+    """
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    if not torch.compiler.is_compiling():
+        pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)

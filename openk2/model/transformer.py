@@ -5,20 +5,26 @@ Module names match the Hugging Face checkpoint (minus its `model.` prefix), so t
 has to split the stacked expert tensors into per-expert keys. Layers live in a ModuleDict keyed by
 their global index, and `forward` skips a missing embedding or head: pipeline parallelism can delete
 modules from a copy of the model without renaming anything (the torchtitan pattern).
+
+`LatentForward` runs the same model against a latent cache for inference (prefill and one-token
+decode steps): each layer's attention absorbed (`mla.LatentAttention`), everything else through the
+modules the training forward uses (`Block.feed_forward`, `Transformer.logits`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.layers import MLP, RMSNorm
-from openk2.model.mla import MLA
+from openk2.model.layers import MLP, RMSNorm, linear
+from openk2.model.mla import MLA, LatentAttention, attention_bias
 from openk2.model.moe import MoE
 from openk2.model.rope import RotaryEmbedding
+from openk2.model.size import count_parameters
 
 
 class Block(nn.Module):
@@ -34,7 +40,10 @@ class Block(nn.Module):
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return self.feed_forward(x + self.self_attn(self.input_layernorm(x), cos, sin, mask))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's second half, after attention: x + MLP-or-MoE(RMSNorm(x))."""
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -78,9 +87,14 @@ class Transformer(nn.Module):
             mask = mask.unsqueeze(1)  # (B, 1, S, S)
         for layer in self.layers.values():
             x = layer(x, cos, sin, mask)
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Final RMSNorm and LM head: hidden states (..., D) -> logits (..., vocab). A pipeline stage
+        without them passes x through."""
         if self.norm is not None:
             x = self.norm(x)
-        return self.lm_head(x) if self.lm_head is not None else x
+        return linear(x, self.lm_head.weight, self.lm_head.bias) if self.lm_head is not None else x
 
     # ------------------------------------------------------------------ statistics for the optimizer
     def record_stats(self, enabled: bool = True) -> None:
@@ -136,8 +150,6 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ sizes
     def num_parameters(self, activated: bool = False) -> int:
-        from openk2.info import count_parameters
-
         counts = count_parameters(self.config)
         return counts.activated if activated else counts.total
 
@@ -149,3 +161,63 @@ def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     return idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+
+
+class LatentForward:
+    """The model run against a latent cache (inference): `prefill` a batch of prompts, or `step` one
+    new token per sequence.
+
+    The cache tensor belongs to the caller (openk2/serve/forward.py): `prefill` hands each layer's new
+    entries to `store`, and `step` is a pure function of the cache rows it is given that returns the
+    new rows for the caller to write, so that it can be handed whole to torch.compile. Call `refresh()`
+    after the model's weights change (the absorbed attention weights are derived from them).
+    """
+
+    def __init__(self, model: Transformer, max_seq_len: int, fold: bool | None = None):
+        self.model = model
+        self.blocks: list[Block] = list(model.layers.values())
+        self.attn = [LatentAttention(blk.self_attn, fold) for blk in self.blocks]
+        self.heads = model.config.num_attention_heads
+        p = model.lm_head.weight
+        self.device, self.dtype = p.device, p.dtype
+        # rotations for every cache position, looked up instead of recomputed each step
+        self.cos, self.sin = model.rotary(torch.arange(max_seq_len, device=self.device))
+
+    def refresh(self) -> None:
+        """Recompute the absorbed weights after the model's weights changed."""
+        for a in self.attn:
+            a.refresh()
+
+    def prefill(
+        self, ids: torch.Tensor, lengths: torch.Tensor, store: Callable[[int, torch.Tensor], None]
+    ) -> torch.Tensor:
+        """ids (B, T) right-padded prompts of `lengths`, from position 0 -> logits (B, V) of each
+        prompt's last token; store(layer, entries (B, T, r + rope)) is called once per layer."""
+        b, t = ids.shape
+        pos = torch.arange(t, device=self.device)
+        allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lengths[:, None, None])
+        bias = attention_bias(allowed, self.heads, self.dtype)
+        cos, sin = self.cos[:t], self.sin[:t]
+        x = self.model.embed_tokens(ids)
+        for layer, (blk, attn) in enumerate(zip(self.blocks, self.attn)):
+            q, entry = attn.project(blk.input_layernorm(x), cos, sin)
+            store(layer, entry)
+            x = blk.feed_forward(x + attn.attend(q, entry, bias, t))
+        return self.model.logits(x[torch.arange(b, device=self.device), lengths - 1])
+
+    def step(
+        self, tokens: torch.Tensor, pos: torch.Tensor, allowed: torch.Tensor, kv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step as a pure function: tokens (n,) at positions pos (n,), the cache rows written
+        before (layers, n, T, r + rope), of which allowed (n, T) are each sequence's -> logits (n, V)
+        and the new rows (layers, n, r + rope)."""
+        bias = attention_bias(allowed.unsqueeze(1), self.heads, self.dtype)  # (n, 1, T), for all heads
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # (n, 1, rope/2)
+        x = self.model.embed_tokens(tokens.unsqueeze(1))  # (n, 1, D)
+        entries = []
+        for layer, (blk, attn) in enumerate(zip(self.blocks, self.attn)):
+            # queries (n, H, r + rope), entry (n, 1, r + rope)
+            q, entry = attn.project(blk.input_layernorm(x), cos, sin)
+            entries.append(entry[:, 0])
+            x = blk.feed_forward(x + attn.attend_new(q, entry[:, 0], kv[layer], bias))
+        return self.model.logits(x[:, 0]), torch.stack(entries)

@@ -1,5 +1,5 @@
-"""OpenAI-compatible HTTP API over an `Engine`: /v1/models, /v1/chat/completions, /v1/completions,
-/health.
+"""OpenAI-compatible HTTP API over an `Engine`: /v1/models, /v1/models/{id}, /v1/chat/completions,
+/v1/completions, plus /tokenize and /detokenize (tokenization.py), /metrics (metrics.py) and /health.
 
 Requests are parsed by hand into `SamplingParams` rather than through a pydantic model, so that every
 bad input becomes OpenAI's error shape `{"error": {"message", "type", "param", "code"}}` with a 4xx
@@ -9,6 +9,11 @@ this module never writes a K2 marker itself. `tool_choice` "required" or a named
 enforced with a grammar (constrained.py) unless the app was built with constrained_tools=False,
 "none" by banning the tokens that open a tool call. When tools are offered, special tokens other than
 the tool-call markers never reach the reply text.
+
+`create_app` also sets the operational limits (see docs/serving.md, "Operation"): a body-size limit
+answered with 413 before anything is read, JSON nesting and NaN refused with 400 (body.py), the API key
+and CORS as plain ASGI middlewares (so a client that leaves is seen and its generation aborted), and
+OpenAI-shaped JSON for every error, 404/405 (with `Allow`) and unexpected 500s included.
 """
 
 from __future__ import annotations
@@ -24,32 +29,25 @@ from typing import Any
 
 import jsonschema
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
+from openk2.serve.body import MAX_JSON_DEPTH, read_json_object
 from openk2.serve.cache import ContextLengthError
 from openk2.serve.engine import Engine, EngineFullError, StreamEvent
+from openk2.serve.errors import APIError, error_response
+from openk2.serve.metrics import RequestCountMiddleware, ServerMetrics
+from openk2.serve.middleware import DEFAULT_MAX_BODY_BYTES, APIKeyMiddleware, BodyLimitMiddleware
 from openk2.serve.sampling import K2_DEFAULT_TEMPERATURE, SamplingParams, TokenLogprob
+from openk2.serve.tokenization import tokenization_router
 from openk2.tokenizer.chat import encode_chat
 from openk2.tokenizer.toolcalls import StreamingToolCallParser, assistant_message, parse_tool_calls
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        kind = {401: "authentication_error", 404: "invalid_request_error", 503: "server_error"}.get(
-            self.status, "invalid_request_error" if self.status < 500 else "server_error"
-        )
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+# paths that need the API key when the server has one (/health and /metrics stay open, as in vLLM)
+PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -107,7 +105,7 @@ def _tool_choice(value: Any, tools: list[dict] | None) -> str | None:
         return value
     if isinstance(value, dict) and isinstance(value.get("function"), dict):
         name = value["function"].get("name")
-        if not tools or name not in {t["function"]["name"] for t in tools}:
+        if not isinstance(name, str) or not tools or name not in {t["function"]["name"] for t in tools}:
             raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
         return name
     raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or a named function", "tool_choice")
@@ -152,13 +150,23 @@ def _stream_options(body: dict) -> bool:
 
 # ---------------------------------------------------------------------------------------------- the app
 def create_app(
-    engine: Engine, model_name: str, api_key: str | None = None, constrained_tools: bool = True
+    engine: Engine,
+    model_name: str,
+    api_key: str | None = None,
+    constrained_tools: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    cors_origins: list[str] | None = None,
 ) -> FastAPI:
     """The FastAPI app; starts the engine thread on startup and stops it on shutdown.
 
     constrained_tools=False leaves tool_choice "required" / a named function to the model alone (no
     grammar): the reply is whatever it wrote, tool calls or not, which is how an evaluation measures
-    a model's unaided tool-call conformance through the server."""
+    a model's unaided tool-call conformance through the server. A body over max_body_bytes is answered
+    413 unread. cors_origins (e.g. ["https://app.example"], or ["*"]) installs CORS; without it no
+    CORS header is ever sent. The queue size and the per-request deadline are the engine's
+    (`Engine(max_queue=..., request_timeout=...)`)."""
+    if max_body_bytes < 1:
+        raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
     tokenizer = engine.tokenizer
     grammars = engine.grammars  # built once here, not on the first constrained request
 
@@ -169,30 +177,13 @@ def create_app(
         engine.stop()
 
     app = FastAPI(title="openk2", lifespan=lifespan)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, e: APIError):
-        return error_response(e)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, e: StarletteHTTPException):
-        return error_response(APIError(e.status_code, str(e.detail)))
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return error_response(APIError(401, "invalid or missing API key", code="invalid_api_key"))
-        return await call_next(request)
+    metrics = ServerMetrics(engine)
+    _install_middleware(app, metrics, api_key, max_body_bytes, cors_origins)
+    _install_error_handlers(app)
+    app.include_router(tokenization_router(tokenizer, model_name, engine.max_seq_len))
 
     async def read_body(request: Request) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
+        body = await read_json_object(request)
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise APIError(400, "'model' is required", "model")
@@ -234,6 +225,7 @@ def create_app(
                 elif isinstance(ev, APIError):
                     raise ev
                 else:
+                    _raise_if_failed(ev, engine)
                     yield i, ev
         finally:
             for t in tasks:
@@ -291,10 +283,29 @@ def create_app(
     async def health():
         return {"status": "ok", "model": model_name, "constrained_tools": constrained_tools, **engine.stats()}
 
+    card = {
+        "id": model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "openk2",
+        "max_model_len": engine.max_seq_len,
+    }
+
     @app.get("/v1/models")
     async def models():
-        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "openk2"}
-        return {"object": "list", "data": [{**card, "max_model_len": engine.max_seq_len}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != model_name:
+            message = f"the model {model_id!r:.80} does not exist; this server serves '{model_name}'"
+            raise APIError(404, message, "model", "model_not_found")
+        return card
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        content, media_type = metrics.exposition()
+        return Response(content, media_type=media_type)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -305,7 +316,7 @@ def create_app(
         tools = _check_tools(body.get("tools"))
         choice = _tool_choice(body.get("tool_choice"), tools)
         try:
-            prompt = encode_chat(tokenizer, messages, tools=tools, add_generation_prompt=True).ids
+            prompt = (await run_in_threadpool(encode_chat, tokenizer, messages, tools, True)).ids
         except (ValueError, KeyError, TypeError) as e:
             raise APIError(400, f"invalid messages: {e}", "messages") from None
         params = _sampling(body, max(1, engine.max_seq_len - len(prompt) + 1))
@@ -403,7 +414,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_body(request)
-        prompts = _completion_prompts(body.get("prompt"), tokenizer)
+        prompts = await run_in_threadpool(_completion_prompts, body.get("prompt"), tokenizer)
         for key in ("suffix", "best_of"):
             if body.get(key) not in (None, 1) or (key == "suffix" and body.get(key)):
                 raise APIError(400, f"'{key}' is not supported", key)
@@ -474,6 +485,63 @@ def create_app(
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     return app
+
+
+def _install_middleware(
+    app: FastAPI,
+    metrics: ServerMetrics,
+    api_key: str | None,
+    max_body_bytes: int,
+    cors_origins: list[str] | None,
+) -> None:
+    """Plain ASGI middlewares only (see middleware.py), outermost last: the request counter sees
+    every answer (413 and 401 included), CORS answers preflights before the key is asked for, the
+    body limit runs before anything reads the body."""
+    if api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=api_key, prefixes=PROTECTED_PREFIXES)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            allow_credentials="*" not in cors_origins,
+        )
+    app.add_middleware(RequestCountMiddleware, metrics=metrics, routes=app.router.routes)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: APIError as raised, Starlette's 404/405 (405 keeps its `Allow`
+    header), a RecursionError (only deep input causes one) as 400, anything else as a JSON 500."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        return error_response(APIError(e.status_code, str(e.detail), headers=e.headers))
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, e: RecursionError):
+        return error_response(APIError(400, f"the request nests deeper than {MAX_JSON_DEPTH} levels"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        message = f"internal server error ({type(e).__name__}); see the server log"
+        return error_response(APIError(500, message, code="internal_error"))
+
+
+def _raise_if_failed(ev: StreamEvent, engine: Engine) -> None:
+    """A completion the engine ended with "timeout" or "error" fails the whole HTTP request."""
+    if ev.finish_reason == "timeout":
+        message = (
+            f"the request did not finish within the server's request timeout of {engine.request_timeout:g} s"
+        )
+        raise APIError(408, message, code="request_timeout")
+    if ev.finish_reason == "error":
+        raise APIError(500, "the engine failed while generating; see the server log", code="engine_error")
 
 
 def _response_format(fmt: Any, grammars) -> str | None:

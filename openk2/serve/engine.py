@@ -1,17 +1,22 @@
 """The inference engine: prefill and decode against the absorbed MLA cache, continuous batching.
 
 One loop, one thread owns the model and the cache. Each `step()`:
-  1. drops aborted requests (their slots free at once);
+  1. drops aborted requests and those past their deadline (their slots free at once);
   2. admits waiting requests into free slots and prefills them together (right-padded batch, one
      forward), sampling each one's first token: a new request joins between two decode steps;
   3. runs one decode step for every running sequence: one new token each, whatever its length;
   4. retires finished sequences (stop token, stop string, max_tokens, abort), which frees their slots.
 
-The cached forward (forward.py) runs the model's weights against the latent cache, pre-absorbed for
-inference: per block, project -> write the cache rows -> attend to the slot's rows -> MLP / MoE.
-Requests come in from any thread (`submit`, `abort`), results go out
+The model's `LatentForward` runs prefill and decode against the latent cache (per block: project ->
+write the cache rows -> attend to the slot's rows -> MLP / MoE); forward.py places its rows in the
+cache slots. Requests come in from any thread (`submit`, `abort`), results go out
 through callbacks; `generate` is the synchronous batch API (RL rollouts, data synthesis) and `stream`
 the asyncio one (the HTTP server).
+
+One request can never take others down with it: whatever raises while a request is admitted, sampled,
+advanced or told about its tokens (a grammar, a seed, a callback whose event loop is gone) finishes
+that request alone with reason "error"; a batched prefill that fails is retried request by request,
+so only the one that fails again is dropped; and the loop goes on serving after any exception.
 """
 
 from __future__ import annotations
@@ -53,7 +58,8 @@ class StreamEvent:
     token_ids: list[int]
     text: str
     logprobs: list[TokenLogprob]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" on the last event
+    # on the last event: "stop" | "length" | "abort" | "error" | "timeout" (past the request deadline)
+    finish_reason: str | None = None
 
 
 @dataclass
@@ -71,6 +77,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     completions: list[Completion]
     time_to_first_token: float | None = None  # seconds from submission to the first sampled token
+    error: str | None = None  # why it finished with "error", for the log and the caller
 
     @property
     def finished(self) -> bool:
@@ -78,13 +85,16 @@ class RequestOutput:
 
 
 class _Request:
-    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, on_event):
+    def __init__(
+        self, request_id: str, prompt: list[int], params: SamplingParams, on_event, timeout: float | None
+    ):
         self.id = request_id
         self.prompt = prompt
         self.params = params
         self.on_event: Callable[[StreamEvent], None] | None = on_event
         self.output = RequestOutput(request_id, prompt, [Completion(i) for i in range(params.n)])
         self.arrival = time.perf_counter()
+        self.deadline = self.arrival + timeout if timeout else None
         self.done = threading.Event()
 
 
@@ -102,8 +112,9 @@ class _Sequence:
         # Only a seeded completion owns a generator (so it samples the same alone or in any batch);
         # the others share the engine's, which lets the sampler draw their noise in one call.
         self.generator: torch.Generator | None = None
-        if self.params.seed is not None:
-            self.generator = torch.Generator(engine.device).manual_seed(self.params.seed + index)
+        if self.params.seed is not None:  # any int64 seed; + index wraps in torch's 64-bit range
+            seed = (self.params.seed + index) % 2**64
+            self.generator = torch.Generator(engine.device).manual_seed(seed)
         self.constraint: Constraint | None = (
             engine.grammars.matcher(self.params.grammar) if self.params.grammar is not None else None
         )
@@ -137,7 +148,8 @@ class Engine:
 
     max_batch sequences run at once, each in a cache slot of max_seq_len tokens; up to max_queue more
     wait. A request that can never fit a slot is refused with ContextLengthError; a full queue with
-    EngineFullError.
+    EngineFullError. With request_timeout (seconds), a request still unfinished that long after its
+    submission, waiting or running, finishes with reason "timeout" and frees its slots.
     """
 
     def __init__(
@@ -149,7 +161,12 @@ class Engine:
         max_queue: int = 1024,
         max_prefill_tokens: int = 8192,
         compile: bool = False,
+        request_timeout: float | None = None,
     ):
+        if max_queue < 0 or max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        if request_timeout is not None and not request_timeout > 0:
+            raise ValueError(f"request_timeout must be positive seconds, got {request_timeout}")
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -161,6 +178,9 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
+        self.request_timeout = request_timeout
+        # called on the engine thread with each finished request and its seconds since submission
+        self._observers: list[Callable[[RequestOutput, float], None]] = []
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         max_seq_len = max_seq_len or min(self.config.max_position_embeddings, 8192)
@@ -223,7 +243,7 @@ class Engine:
         prompt = [int(t) for t in prompt]
         params = self.check(prompt, params)
         request_id = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        req = _Request(request_id, prompt, params, on_event)
+        req = _Request(request_id, prompt, params, on_event, self.request_timeout)
         with self._cv:
             if len(self.waiting) >= self.max_queue:
                 raise EngineFullError(
@@ -298,6 +318,7 @@ class Engine:
                 self._cv.notify()
             self._thread.join()
             self._thread = None
+            self._finish_all("abort")  # nobody waits forever on a request the stopped loop never steps
 
     def load_weights(self, source: nn.Module | dict[str, torch.Tensor]) -> float:
         """Copy new weights into the served model between two steps (RL weight sync); returns seconds.
@@ -313,6 +334,11 @@ class Engine:
                 raise ValueError(f"load_weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
             self.forward.refresh()
         return time.perf_counter() - t0
+
+    def add_observer(self, observer: Callable[[RequestOutput, float], None]) -> None:
+        """Call observer(output, seconds since submission) on the engine thread as each request
+        finishes, whatever the reason (metrics); an observer that raises is logged and ignored."""
+        self._observers.append(observer)
 
     def stats(self) -> dict:
         return {
@@ -340,16 +366,17 @@ class Engine:
                 self.step()
             except Exception as e:  # keep serving: fail the requests in flight, not the process
                 log.exception("engine step failed")
-                self._fail_all(f"{type(e).__name__}: {e}")
+                self._finish_all("error", f"{type(e).__name__}: {e}")
 
     def step(self) -> None:
         """One scheduling iteration: aborts, admissions + prefill, one decode step, retirements."""
         with self._model_lock, torch.inference_mode():
             self._handle_aborts()
+            self._expire()
             self._retire()
             admitted = self._admit()
             if admitted:
-                self._prefill(admitted)
+                self._prefill_isolated(admitted)
                 self._retire()
             if self.running:
                 self._decode()
@@ -367,8 +394,24 @@ class Engine:
             if s.req.id in aborts and s.out.finish_reason is None:
                 self._finish(s, "abort")
 
+    def _expire(self) -> None:
+        """Finish every request past its deadline with "timeout", waiting or running."""
+        now = time.perf_counter()
+        with self._cv:
+            late = [r for r in self.waiting if r.deadline is not None and r.deadline < now]
+            if late:
+                self.waiting = deque(r for r in self.waiting if r not in late)
+        for r in late:
+            self._finish_request(r, "timeout", "past its deadline while waiting")
+        for s in self.running:
+            if s.req.deadline is not None and s.req.deadline < now and s.out.finish_reason is None:
+                self._finish(s, "timeout")
+
     def _admit(self) -> list[_Sequence]:
+        """Move waiting requests into free slots. A request whose sequences cannot be built (its seed,
+        its grammar) finishes with "error" here and the next one is admitted instead."""
         admitted: list[_Sequence] = []
+        refused: list[tuple[_Request, str]] = []
         budget = self.max_prefill_tokens
         with self._cv:
             while self.waiting:
@@ -379,36 +422,106 @@ class Engine:
                 if admitted and len(req.prompt) > budget:
                     break
                 self.waiting.popleft()
+                try:
+                    seqs = [_Sequence(req, i, self) for i in range(n)]
+                except Exception as e:
+                    log.exception("request %s could not be admitted", req.id)
+                    refused.append((req, f"{type(e).__name__}: {e}"))
+                    continue
                 budget -= len(req.prompt)
-                for i in range(n):
-                    s = _Sequence(req, i, self)
+                for s in seqs:
                     s.slot = len(self.running) + len(admitted)
                     admitted.append(s)
         self.running.extend(admitted)
+        for req, message in refused:  # outside the lock: this calls back into the request's owner
+            self._finish_request(req, "error", message)
         return admitted
 
-    def _fail_all(self, message: str) -> None:
+    def _finish_all(self, reason: str, message: str | None = None) -> None:
+        """Finish everything queued or running and free every slot: with "error" after a step raised
+        outside any one request (the loop then starts clean), with "abort" when the engine stops."""
         with self._cv:
             waiting, self.waiting = list(self.waiting), deque()
         for r in waiting:
-            self._finish_request(r, "error", message)
-        for s in self.running:
+            self._finish_request(r, reason, message)
+        running, self.running = self.running, []
+        for s in running:
             if s.out.finish_reason is None:
+                if message:
+                    s.req.output.error = s.req.output.error or message
+                self._finish(s, reason)
+        for req in {id(s.req): s.req for s in running}.values():
+            self._done(req)
+
+    def _fail_request(self, req: _Request, message: str) -> None:
+        """Finish every unfinished sequence of one running request with "error" (the others run on)."""
+        log.warning("request %s failed: %s", req.id, message)
+        req.output.error = req.output.error or message
+        for s in self.running:
+            if s.req is req and s.out.finish_reason is None:
                 self._finish(s, "error")
-        self._retire()
 
     def _finish_request(self, req: _Request, reason: str, message: str | None = None) -> None:
-        """Finish a request that never ran (aborted or refused while waiting)."""
+        """Finish a request that never ran (aborted, refused or timed out while waiting)."""
         if message:
             log.warning("request %s: %s", req.id, message)
+            if reason == "error":
+                req.output.error = message
         for c in req.output.completions:
             c.finish_reason = reason
-            if req.on_event is not None:
-                req.on_event(StreamEvent(c.index, [], "", [], reason))
+            self._notify(req, StreamEvent(c.index, [], "", [], reason))
+        self._done(req)
+
+    def _done(self, req: _Request) -> None:
+        """The request has finished: wake its waiters, forget it, tell the observers."""
+        if req.done.is_set():
+            return
         req.done.set()
         self._pending.pop(req.id, None)
+        elapsed = time.perf_counter() - req.arrival
+        for observer in self._observers:
+            try:
+                observer(req.output, elapsed)
+            except Exception:
+                log.exception("engine observer failed")
+
+    def _notify(self, req: _Request, ev: StreamEvent) -> None:
+        """Hand an event to the request's callback. A callback that raises (its event loop closed,
+        say) is dropped and its request aborted: its owner is gone, and nobody else is affected."""
+        if req.on_event is None:
+            return
+        try:
+            req.on_event(ev)
+        except Exception:
+            log.exception("request %s: its event callback failed; aborting it", req.id)
+            req.on_event = None
+            with self._cv:
+                self._aborts.add(req.id)
 
     # ------------------------------------------------------------------ the cached forward
+    def _prefill_isolated(self, seqs: list[_Sequence]) -> None:
+        """Prefill the admitted sequences together; if that raises, again one request at a time, so
+        that a request whose prefill fails by itself fails alone (a prefill only writes its own slots'
+        cache rows, so a retry starts from a clean state)."""
+        try:
+            self._prefill(seqs)
+            return
+        except Exception as e:
+            by_request: dict[str, list[_Sequence]] = {}
+            for s in seqs:
+                by_request.setdefault(s.req.id, []).append(s)
+            if len(by_request) == 1:
+                log.exception("prefill failed")
+                self._fail_request(seqs[0].req, f"{type(e).__name__}: {e}")
+                return
+            log.warning("batched prefill failed (%s); retrying request by request", e)
+        for group in by_request.values():
+            try:
+                self._prefill(group)
+            except Exception as e:
+                log.exception("prefill of request %s failed", group[0].req.id)
+                self._fail_request(group[0].req, f"{type(e).__name__}: {e}")
+
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """Prompts of newly admitted sequences, right-padded into one batch, written to their slots.
         Sequences of one request with n > 1 share a prompt: it is computed once and its cache rows
@@ -448,11 +561,38 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling and output
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        masks = [s.mask() for s in seqs]
+        """Sample one token per row and append it. Never raises: a sequence whose mask, sampling or
+        append raises fails its own request (the batch is sampled row by row to find it)."""
+        masks: list[torch.Tensor | None] = []
+        for s in seqs:
+            try:
+                masks.append(s.mask())
+            except Exception as e:
+                masks.append(None)
+                self._fail_request(s.req, f"{type(e).__name__}: {e}")
         generators = [s.generator for s in seqs]
-        tokens, records = sample(logits, [s.params for s in seqs], generators, masks, self._rng)
+        try:
+            tokens, records = sample(logits, [s.params for s in seqs], generators, masks, self._rng)
+        except Exception:
+            log.exception("batched sampling failed; sampling row by row")
+            tokens, records = [], []
+            for i, s in enumerate(seqs):
+                try:
+                    tok, rec = sample(logits[i : i + 1], [s.params], [s.generator], [masks[i]], self._rng)
+                    tokens.append(tok[0])
+                    records.append(rec[0])
+                except Exception as e:
+                    tokens.append(-1)
+                    records.append(None)
+                    self._fail_request(s.req, f"{type(e).__name__}: {e}")
         for s, tok, rec in zip(seqs, tokens, records):
-            self._append(s, tok, rec)
+            if s.out.finish_reason is not None:  # failed above, or a sibling of one that did
+                continue
+            try:
+                self._append(s, tok, rec)
+            except Exception as e:
+                log.exception("request %s: appending a token failed", s.req.id)
+                self._fail_request(s.req, f"{type(e).__name__}: {e}")
 
     def _append(self, s: _Sequence, tok: int, rec: TokenLogprob | None) -> None:
         s.last = tok
@@ -504,16 +644,20 @@ class Engine:
 
     def _emit(self, s: _Sequence, toks: list[int], text: str, lps: list[TokenLogprob]) -> None:
         s.out.text += text
-        if s.req.on_event is not None and (toks or text):
-            s.req.on_event(StreamEvent(s.index, toks, text, lps))
+        if toks or text:
+            self._notify(s.req, StreamEvent(s.index, toks, text, lps))
 
     def _finish(self, s: _Sequence, reason: str, flush: bool = True) -> None:
         """flush=False when a stop string ended it: the held text is the stop string, not output."""
-        tail = self._flush_text(s) if flush else ""
+        tail = ""
+        if flush and reason != "error":  # a failed sequence's decoder state may be what failed
+            try:
+                tail = self._flush_text(s)
+            except Exception:
+                log.exception("request %s: flushing its text failed", s.req.id)
         s.out.text += tail
         s.out.finish_reason = reason
-        if s.req.on_event is not None:
-            s.req.on_event(StreamEvent(s.index, [], tail, [], reason))
+        self._notify(s.req, StreamEvent(s.index, [], tail, [], reason))
 
     def _retire(self) -> None:
         """Drop finished sequences, keeping the running ones in slots 0..n-1 (the last one moves
@@ -529,7 +673,5 @@ class Engine:
                 self.cache.move(last.slot, s.slot, last.cached)
                 last.slot = s.slot
                 self.running[i] = last
-            req = s.req
-            if req.output.finished:
-                req.done.set()
-                self._pending.pop(req.id, None)
+            if s.req.output.finished:
+                self._done(s.req)

@@ -59,8 +59,14 @@ class SamplingParams:
             f"temperature must be in [0, 2], got {self.temperature!r}",
         )
         need(is_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        need(is_int(self.top_k) and self.top_k >= -1, f"top_k must be -1, 0 or positive, got {self.top_k!r}")
-        need(self.seed is None or is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
+        need(
+            is_int(self.top_k) and -1 <= self.top_k < 2**31,
+            f"top_k must be -1, 0 or a positive int32, got {self.top_k!r}",
+        )
+        need(
+            self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63),
+            f"seed must be an integer in [-2**63, 2**63), got {self.seed!r}",
+        )
         need(is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n!r}")
         need(
             is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,

@@ -77,6 +77,8 @@ SPECIAL_ATTRS: dict[str, str] = {
 
 MODEL_FILE = "tiktoken.model"
 CONFIG_FILE = "tokenizer_config.json"
+HF_TOKENIZER_FILE = "tokenizer.json"  # the same BPE for transformers / vLLM (`tokenizers` format)
+TEMPLATE_FILE = "chat_template.jinja"  # a checkpoint's own chat template; wins over the config's
 MAX_RUN_CHARS = 4096  # longest whitespace / non-whitespace run handed to BPE in one piece
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
 
@@ -209,6 +211,10 @@ class K2Tokenizer:
             names = {int(i): v["content"] for i, v in config.get("added_tokens_decoder", {}).items()}
             template = config.get("chat_template")
             pattern = config.get("pat_str", K2_PATTERN)
+        if (directory / TEMPLATE_FILE).is_file():
+            template = (directory / TEMPLATE_FILE).read_text()
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{config_path}: chat_template must be one Jinja string")
         return cls(ranks, names, pattern=pattern, chat_template=template, name=directory.name or "k2")
 
     @classmethod
@@ -238,21 +244,31 @@ class K2Tokenizer:
             return cls.byte_level()
         return cls.from_pretrained(name)
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `tiktoken.model` and `tokenizer_config.json` (with the Jinja chat template)."""
+    def save_pretrained(
+        self, directory: str | Path, model_max_length: int = 131072, hf_tokenizer: bool = False
+    ) -> Path:
+        """Write `tiktoken.model` and `tokenizer_config.json` (with the Jinja chat template).
+
+        `model_max_length` should be the model's max positions (K2's 131072 by default). With
+        hf_tokenizer=True also write `tokenizer.json` (see `hf_tokenizer_json`) and name
+        transformers' fast tokenizer as the class, so `AutoTokenizer` gives our exact ids
+        without remote code."""
         from openk2.tokenizer.chat import JINJA_TEMPLATE
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_tiktoken_model(self.mergeable_ranks, directory / MODEL_FILE)
+        if hf_tokenizer:
+            text = json.dumps(hf_tokenizer_json(self), ensure_ascii=False)
+            (directory / HF_TOKENIZER_FILE).write_text(text)
         config = {
-            "tokenizer_class": "TikTokenTokenizer",
+            "tokenizer_class": "PreTrainedTokenizerFast" if hf_tokenizer else "TikTokenTokenizer",
             "vocab_size": self.vocab_size,
             "num_base_tokens": self.n_base,
             "bos_token": "[BOS]",
             "eos_token": "[EOS]",
             "pat_str": self.pattern,
-            "model_max_length": 131072,
+            "model_max_length": int(model_max_length),
             "added_tokens_decoder": {
                 str(i): {"content": s, "special": True}
                 for s, i in sorted(self.special_ids.items(), key=lambda kv: kv[1])
@@ -261,6 +277,55 @@ class K2Tokenizer:
         }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return directory
+
+    # ---- chat ---------------------------------------------------------------------------
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = False,
+        tokenize: bool = True,
+        *,
+        chat_template: str | None = None,
+        return_dict: bool = False,
+        return_assistant_tokens_mask: bool = False,
+        **kwargs,
+    ) -> str | list[int] | dict:
+        """The conversation as a prompt, with transformers' arguments and meaning.
+
+        The template is `chat_template` if given, else this tokenizer's own (a directory's
+        `chat_template.jinja` or tokenizer_config.json `chat_template`), else the built-in K2
+        template (`openk2.tokenizer.chat`, which renders as Kimi-K2-Instruct-0905's). A template
+        equal to one of our built-in Jinja texts is rendered by the built-in code; any other is
+        rendered as Jinja in transformers' environment, extra keyword arguments becoming template
+        variables. tokenize=False gives the text; tokenize=True the ids (built-in: user text
+        never turns into special ids; Jinja: special-token strings in the text are parsed, as
+        transformers does). Unlike transformers 5, ids come back as a plain list unless
+        return_dict=True ({"input_ids", "attention_mask"[, "assistant_masks"]}); the assistant
+        mask needs the built-in template.
+        """
+        from openk2.tokenizer.chat import JINJA_TEMPLATES, encode_chat, render, render_jinja
+
+        template = chat_template if chat_template is not None else self.chat_template
+        variant = next((v for v, t in JINJA_TEMPLATES.items() if template in (None, t)), None)
+        if variant is None and return_assistant_tokens_mask:
+            raise ValueError("return_assistant_tokens_mask needs the built-in chat template")
+        if not tokenize:
+            if variant is None:
+                return render_jinja(template, messages, tools, add_generation_prompt, **kwargs)
+            return render(messages, tools, add_generation_prompt, variant=variant)
+        if variant is None:
+            text = render_jinja(template, messages, tools, add_generation_prompt, **kwargs)
+            ids, mask = self.encode(text, allow_special=True), None
+        else:
+            enc = encode_chat(self, messages, tools, add_generation_prompt, variant=variant)
+            ids, mask = enc.ids, enc.assistant_mask
+        if not return_dict:
+            return ids
+        out: dict = {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        if return_assistant_tokens_mask:
+            out["assistant_masks"] = [int(m) for m in mask]
+        return out
 
     # ---- encode / decode ----------------------------------------------------------------
     def _encode_ordinary(self, text: str) -> list[int]:
@@ -329,6 +394,68 @@ class K2Tokenizer:
 
     def __repr__(self) -> str:
         return f"K2Tokenizer(n_base={self.n_base}, vocab_size={self.vocab_size}, bos={self.bos_id})"
+
+
+def hf_tokenizer_json(tok: K2Tokenizer) -> dict:
+    """The tokenizer as a `tokenizers` (Hugging Face fast tokenizer) definition with identical ids.
+
+    Pre-tokenization is K2's split pattern followed by the byte-to-character map of ByteLevel;
+    the model is BPE over the same vocabulary, with one merge (a, b) for every token that is the
+    concatenation of two tokens, ordered by the rank of the result. tiktoken merges, at each
+    step, the adjacent pair whose concatenation has the lowest rank, and BPE the pair listed
+    first, so both build the same tokens (`ignore_merges` mirrors tiktoken's shortcut for a
+    pre-token that is itself a token). The 256 specials are added tokens. Text with a
+    whitespace or non-whitespace run longer than MAX_RUN_CHARS is the one difference: the fast
+    tokenizer does not cut such runs (tests check parity on ordinary text and code).
+    """
+    from openk2.tokenizer.train import bytes_to_unicode
+
+    byte_char = bytes_to_unicode()
+
+    def chars(b: bytes) -> str:
+        return "".join(byte_char[x] for x in b)
+
+    ranks = tok.mergeable_ranks
+    merges = []
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = ranks.get(token[:cut]), ranks.get(token[cut:])
+            if left is not None and right is not None and left < rank and right < rank:
+                merges.append((rank, left, right, chars(token[:cut]), chars(token[cut:])))
+    merges.sort()
+    added = [
+        {"id": i, "content": name, "single_word": False, "lstrip": False, "rstrip": False}
+        | {"normalized": False, "special": True}
+        for name, i in sorted(tok.special_ids.items(), key=lambda kv: kv[1])
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": tok.pattern}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": {chars(t): r for t, r in sorted(ranks.items(), key=lambda kv: kv[1])},
+            "merges": [[a, b] for *_, a, b in merges],
+        },
+    }
 
 
 class IncrementalDecoder:

@@ -15,13 +15,25 @@ Choices (the failures public servers shipped, and what we do):
   * markers never reach content: stray ones are dropped and reported in `errors`;
   * the name is the id minus the literal `functions.` prefix and the `:IDX` suffix, so dots
     and dashes in names survive (`functions.ns.get-item:0` -> `ns.get-item`);
-  * a call cut off (by EOS, <|im_end|>, the next <|tool_call_begin|> or the section end) is
-    kept with complete=False and reported; invalid JSON is kept raw with valid_json=False;
-    a call to a tool that was not offered gets offered=False; all are reported, none raise;
+  * arguments are the text between <|tool_call_argument_begin|> and <|tool_call_end|> with
+    surrounding whitespace stripped (as K2's guidance, vLLM and SGLang do), streamed too;
+  * a call cut off inside its arguments (by EOS, <|im_end|>, the next <|tool_call_begin|> or the
+    section end) is kept with complete=False and reported; a call cut off before its
+    <|tool_call_argument_begin|> has no arguments to run and is dropped (reported), so output
+    ending right after <|tool_call_begin|> never yields an empty call;
+  * an id we cannot read a name from (no `:IDX` suffix, e.g. `weird@id`) drops the call; a bare
+    counter id (`0`) is named after the only offered tool when exactly one is offered, else
+    dropped (docs/conformance.md says why we do not guess from the argument keys);
+  * invalid JSON is kept raw with valid_json=False; a call to a tool that was not offered gets
+    offered=False; all are reported, none raise (not even on arguments nested 100k deep);
   * <|im_end|>, [EOS] or the start of another turn end the message; later text is ignored;
-  * non-blank text after <|tool_calls_section_end|> is appended to content (reported).
-Known limit: the parser sees text, so an argument string containing an exact marker string
+  * non-blank text after <|tool_calls_section_end|> is appended to content (reported), streamed
+    as soon as it arrives; whitespace there is held until non-blank text follows it.
+Known limits: the parser sees text, so an argument string containing an exact marker string
 cannot be told apart from the marker (the token ids could; text-level servers share this).
+In content, a lone trailing `<` is released at once rather than held as a possible marker
+start, so a marker split right after its `<` reads as text; decoded ids never split a marker,
+which is one token.
 """
 
 from __future__ import annotations
@@ -40,6 +52,8 @@ STRAY_MARKERS = ("<|im_middle|>", "[BOS]")
 MARKERS = (SECTION_BEGIN, SECTION_END, CALL_BEGIN, ARG_BEGIN, CALL_END, *STOP_MARKERS, *STRAY_MARKERS)
 MARKER_RE = re.compile("|".join(re.escape(m) for m in sorted(MARKERS, key=len, reverse=True)))
 _ID_RE = re.compile(r"functions\.(.+):(\d+)", re.DOTALL)
+_SHORT_ID_RE = re.compile(r"(.+):(\d+)", re.DOTALL)
+_BARE_COUNTER_RE = re.compile(r"\d+")
 
 CONTENT, SECTION, CALL_ID, ARGS, AFTER, DONE = range(6)
 
@@ -48,7 +62,7 @@ CONTENT, SECTION, CALL_ID, ARGS, AFTER, DONE = range(6)
 class ToolCall:
     id: str
     name: str
-    arguments: str  # raw text between <|tool_call_argument_begin|> and <|tool_call_end|>
+    arguments: str  # text between <|tool_call_argument_begin|> and <|tool_call_end|>, stripped
     index: int  # position among this message's calls (OpenAI's `index`)
     valid_json: bool  # arguments parse as a JSON object
     offered: bool | None  # name among the offered tools; None when no tools were given
@@ -87,13 +101,26 @@ class Delta:
         return {"tool_calls": [{"index": self.index, "function": {"arguments": self.arguments or ""}}]}
 
 
-def name_from_id(call_id: str) -> tuple[str, bool]:
-    """`functions.NAME:IDX` -> (NAME, True); anything else -> (best guess, False)."""
+def resolve_name(call_id: str, offered: set[str] | None) -> tuple[str | None, str | None]:
+    """The tool name a call id stands for, or (None, why) when the call must be dropped.
+
+    `functions.NAME:IDX` and `NAME:IDX` give NAME (dots and dashes kept); a bare counter (`3`)
+    gives the only offered tool when exactly one is offered; anything else (`weird@id`,
+    `functions.x.0`, an empty name) gives None. The second value is a note for `errors` (None
+    when the id is K2's own form).
+    """
     m = _ID_RE.fullmatch(call_id)
     if m:
-        return m.group(1), True
-    guess = re.sub(r":\d+$", "", call_id)
-    return guess.removeprefix("functions."), False
+        return m.group(1), None
+    m = _SHORT_ID_RE.fullmatch(call_id)
+    if m and m.group(1).removeprefix("functions.").strip():
+        return m.group(1).removeprefix("functions."), f"id {call_id!r} is not of the form functions.NAME:IDX"
+    if _BARE_COUNTER_RE.fullmatch(call_id) and offered is not None and len(offered) == 1:
+        (only,) = offered
+        return only, f"bare counter id {call_id!r} named after the only offered tool {only!r}"
+    if not call_id:
+        return None, "empty id"
+    return None, f"no tool name can be read from id {call_id!r}"
 
 
 def offered_names(tools: list | None) -> set[str] | None:
@@ -114,9 +141,11 @@ def offered_names(tools: list | None) -> set[str] | None:
 
 
 def _is_json_object(text: str) -> bool:
+    """Whether `text` is a JSON object. Arguments nested deeper than Python's recursion limit
+    count as not checkable (False) instead of raising RecursionError."""
     try:
         return isinstance(json.loads(text), dict)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
 
 
@@ -130,12 +159,20 @@ class _Machine:
         self.calls: list[ToolCall] = []
         self.errors: list[str] = []
         self.deltas: list[Delta] = []
+        self._junk: list[str] = []
+        self._trailing: list[str] = []  # whitespace after a section end, held until text follows
+        self._after_text = False  # non-blank text has followed the latest section end
+        self._sections = 0
+        self._reset_call()
+
+    def _reset_call(self) -> None:
         self._id: list[str] = []
         self._args: list[str] = []
-        self._junk: list[str] = []
-        self._trailing: list[str] = []
+        self._args_started = False  # a non-blank argument character has been seen
+        self._args_ws = ""  # trailing whitespace of the arguments so far, not yet streamed
         self._header_sent = False
-        self._sections = 0
+        self._name: str | None = None
+        self._id_note: str | None = None
 
     # ---- events ---------------------------------------------------------------------------
     def text(self, s: str) -> None:
@@ -149,9 +186,18 @@ class _Machine:
             self._id.append(s)
         elif self.state == ARGS:
             self._args.append(s)
-            self.deltas.append(Delta(index=len(self.calls), arguments=s))
+            self._stream_args(s)
         elif self.state == AFTER:
-            self._trailing.append(s)
+            if self._after_text:
+                self._emit_content(s)
+            elif s.strip():
+                self._after_text = True
+                self.errors.append(f"text after {SECTION_END} appended to content")
+                held = "".join(self._trailing)
+                self._trailing.clear()
+                self._emit_content(held + s)
+            else:
+                self._trailing.append(s)
 
     def marker(self, m: str) -> None:
         st = self.state
@@ -196,6 +242,7 @@ class _Machine:
                 else:
                     self._end_call(complete=False, why=f"cut by {SECTION_END}")
                 self.state = AFTER
+                self._after_text = False
             else:
                 self.errors.append(f"stray {SECTION_END} dropped")
         else:  # [BOS], <|im_middle|>
@@ -211,18 +258,25 @@ class _Machine:
         self.content.append(s)
         self.deltas.append(Delta(content=s))
 
+    def _stream_args(self, s: str) -> None:
+        """Stream argument text with its surrounding whitespace stripped: leading whitespace is
+        dropped, trailing whitespace is held until non-blank text shows it was inner."""
+        if not self._args_started:
+            s = s.lstrip()
+            if not s:
+                return
+            self._args_started = True
+        pending = self._args_ws + s
+        core = pending.rstrip()
+        self._args_ws = pending[len(core) :]
+        if core and self._name is not None:
+            self.deltas.append(Delta(index=len(self.calls), arguments=core))
+
     def _open_section(self) -> None:
-        self._flush_trailing()
+        self._trailing.clear()  # whitespace after the previous section: dropped
         self._sections += 1
         if self._sections > 1:
             self.errors.append("a second tool-calls section in one message")
-
-    def _flush_trailing(self) -> None:
-        text = "".join(self._trailing)
-        self._trailing.clear()
-        if text.strip():
-            self.errors.append(f"text after {SECTION_END} appended to content: {text[:80]!r}")
-            self._emit_content(text)
 
     def _check_junk(self) -> None:
         text = "".join(self._junk)
@@ -238,35 +292,43 @@ class _Machine:
                 self._end_call(complete=False, why=why)
             self.errors.append(f"tool-calls section not closed ({why})")
         elif self.state == AFTER:
-            self._flush_trailing()
+            self._trailing.clear()
 
     def _send_header(self) -> None:
+        """Resolve the call's name from its id; stream id + name unless the call is dropped."""
         call_id = "".join(self._id).strip()
-        name, _ = name_from_id(call_id)
-        self.deltas.append(Delta(index=len(self.calls), id=call_id, name=name))
+        self._name, self._id_note = resolve_name(call_id, self.offered)
+        if self._name is not None:
+            self.deltas.append(Delta(index=len(self.calls), id=call_id, name=self._name))
         self._header_sent = True
 
     def _end_call(self, complete: bool, why: str = "") -> None:
+        i = len(self.calls)
+        if self.state == CALL_ID and not complete:
+            self.errors.append(f"tool call {i} cut before its arguments ({why}); dropped")
+            self._reset_call()
+            return
         if not self._header_sent:
             self._send_header()
         call_id = "".join(self._id).strip()
-        name, well_formed = name_from_id(call_id)
-        args = "".join(self._args)
-        i = len(self.calls)
+        if self._name is None:
+            self.errors.append(f"tool call dropped: {self._id_note}")
+            self._reset_call()
+            return
+        name = self._name
+        args = "".join(self._args).strip()
         offered = None if self.offered is None else name in self.offered
         call = ToolCall(call_id, name, args, i, _is_json_object(args), offered, complete)
-        if not call_id:
-            self.errors.append(f"tool call {i} has an empty id")
-        elif not well_formed:
-            self.errors.append(f"tool call {i}: id {call_id!r} is not of the form functions.NAME:IDX")
+        if self._id_note:
+            self.errors.append(f"tool call {i}: {self._id_note}")
         if not complete:
             self.errors.append(f"tool call {i} ({name}) incomplete: {why}")
         if not call.valid_json:
-            self.errors.append(f"tool call {i} ({name}): arguments are not a JSON object: {args!r}")
+            self.errors.append(f"tool call {i} ({name}): arguments are not a JSON object: {args[:200]!r}")
         if offered is False:
             self.errors.append(f"tool call {i}: {name!r} is not among the offered tools")
         self.calls.append(call)
-        self._id, self._args, self._header_sent = [], [], False
+        self._reset_call()
 
     def take_deltas(self) -> list[Delta]:
         out, self.deltas = self.deltas, []
@@ -329,6 +391,10 @@ class StreamingToolCallParser:
         hold = _partial_marker_len(buf[last:])
         self._held = buf[len(buf) - hold :]
         _events(self._machine, buf[: len(buf) - hold])
+        if self._held == "<" and self._machine.state in (CONTENT, AFTER):
+            # A lone `<` in text is released now: readers see "a < b <" without delay.
+            self._held = ""
+            self._machine.text("<")
         return self._machine.take_deltas()
 
     def finish(self) -> list[Delta]:

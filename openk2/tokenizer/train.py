@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openk2.data.corpus import iter_documents
+from openk2.corpus import iter_documents
 from openk2.tokenizer.tokenizer import ASSETS_DIR, K2_PATTERN, NUM_RESERVED_SPECIAL, K2Tokenizer
 
 # Default tokenizer recipe: mostly Shakespeare, plus enough stdlib code that indentation,

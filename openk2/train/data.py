@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openk2.data.corpus import corpus_files, iter_documents
+from openk2.corpus import corpus_files, iter_documents
 
 
 @dataclass

@@ -83,6 +83,7 @@ class _Fp8ExpertFFN(torch.autograd.Function):
 
 
 def fp8_expert_ffn(x, w_gate, w_up, w_down) -> torch.Tensor:
+    """`swiglu_ffn` that saves its activations in FP8; installed as `Experts.training_ffn`."""
     return _Fp8ExpertFFN.apply(x, w_gate, w_up, w_down)
 
 
@@ -158,4 +159,4 @@ def apply_memory_options(model: nn.Module, opts: MemoryOptions) -> None:
         elif isinstance(m, MLA):
             _set_recompute(m, opts.recompute)
         elif isinstance(m, Experts):
-            m.fp8_activations = opts.fp8_activations
+            m.training_ffn = fp8_expert_ffn if opts.fp8_activations else None
