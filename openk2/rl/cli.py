@@ -26,9 +26,9 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from openk2.rl.trainer import RLConfig, RLTrainer
-    from openk2.train.run import TrainingDiverged
+    from openk2.train.run import run_command, signal_exit_code
 
-    try:
+    def job() -> tuple[RLConfig, RLTrainer, list[dict]]:
         config = RLConfig.load(args.config)
         overrides = {
             k: getattr(args, k) for k in ("out_dir", "steps", "seed") if getattr(args, k) is not None
@@ -37,17 +37,16 @@ def run(args: argparse.Namespace) -> int:
             overrides["model"] = args.init
         config = replace(config, **overrides).validate()
         trainer = RLTrainer(config)
-        history = trainer.train(resume=not args.no_resume, overwrite=args.overwrite)
-    except TrainingDiverged as e:
-        print(f"error: training diverged: {e}", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return config, trainer, trainer.train(resume=not args.no_resume, overwrite=args.overwrite)
+
+    result = run_command(job)
+    if isinstance(result, int):
+        return result
+    config, trainer, history = result
     if trainer.interrupted:
         where = f"checkpoint {trainer.checkpoint}"
         print(f"{trainer.interrupted}: stopped; {where}; run the same command to resume", file=sys.stderr)
-        return 1
+        return signal_exit_code(trainer.interrupted)
     evals = [h["eval/reward"] for h in history if "eval/reward" in h]
     print(
         f"held-out reward {evals[0]:.3f} -> {evals[-1]:.3f} over {config.steps} steps; "

@@ -8,7 +8,6 @@ lifecycle -- resume, refusals, signals -- are `openk2.train.run`'s; see docs/tra
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from dataclasses import fields
 
@@ -16,7 +15,7 @@ from openk2.distributed.mesh import ParallelConfig
 from openk2.train.config import NS_DTYPES, OPTIMIZERS, TrainConfig
 from openk2.train.loop import pretrain
 from openk2.train.memory import MemoryOptions
-from openk2.train.run import TrainingDiverged
+from openk2.train.run import run_command, signal_exit_code
 from openk2.train.schedule import SCHEDULES
 
 HELP = {
@@ -91,24 +90,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
+    cfg: TrainConfig | None = None
+
+    def job() -> dict:
+        nonlocal cfg
         cfg = config_from_args(args)
-        summary = pretrain(cfg, resume=not args.no_resume, overwrite=args.overwrite)
-    except TrainingDiverged as e:
-        print(f"error: training diverged: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return pretrain(cfg, resume=not args.no_resume, overwrite=args.overwrite)
+
+    summary = run_command(job)
+    if isinstance(summary, int):
+        return summary
     if summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
-        return 0 if not summary["interrupted"] else 128 + signal.Signals[summary["interrupted"]].value
+        return 0 if not summary["interrupted"] else signal_exit_code(summary["interrupted"])
     if summary["interrupted"]:
         print(
             f"{summary['interrupted']}: stopped at step {summary['steps']}/{cfg.steps}; checkpoint "
             f"{summary['checkpoint']}; run the same command to resume",
             file=sys.stderr,
         )
-        return 128 + signal.Signals[summary["interrupted"]].value
+        return signal_exit_code(summary["interrupted"])
     eval_loss = f"{summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else "n/a"
     train_loss = f"{summary['train_loss']:.4f}" if summary["train_loss"] is not None else "n/a"
     print(

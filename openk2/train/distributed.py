@@ -70,7 +70,6 @@ from openk2.train.loop import (
     drive_pretraining,
     make_schedule,
     prepare_data,
-    train_record,
 )
 from openk2.train.memory import activation_context, apply_memory_options
 from openk2.train.run import Run
@@ -205,20 +204,16 @@ class DistributedTrainer(StepTrainer):
             update_routing_bias_(ch, rate=self.cfg.bias_update_rate)
         # each batch-group rank clipped the same heads; the pp ranks clipped different layers
         clipped = int(all_reduce_(torch.tensor(clipped), _world())) // self.mesh.batch_size
-        self.step += 1
-        self.tokens += tokens
-        return train_record(
-            step=self.step,
-            tokens=self.tokens,
+        return self.end_step(
+            tokens,
+            scale,
+            t0,
             loss=loss_value,
             aux_loss=aux_value,
-            lr=self.base_lrs[0] * scale,
             grad_norm=grad_norm,
             max_logit=float(maxes[0]) if math.isfinite(maxes[0]) else float("nan"),  # -inf: none recorded
             heads_clipped=clipped,
             imbalance=float(maxes[1]),
-            step_tokens=tokens,
-            seconds=time.perf_counter() - t0,
         )
 
     # ------------------------------------------------------------------ evaluation

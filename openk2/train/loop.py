@@ -138,6 +138,14 @@ class StepTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return scale
 
+    def end_step(self, step_tokens: int, scale: float, t0: float, **metrics) -> dict:
+        """Count the finished step and its tokens; return its record (`train_record`), given the
+        step's loss, aux_loss, grad_norm, max_logit, heads_clipped and imbalance."""
+        self.step += 1
+        self.tokens += step_tokens
+        return train_record(step=self.step, tokens=self.tokens, lr=self.base_lrs[0] * scale,
+                            step_tokens=step_tokens, seconds=time.perf_counter() - t0, **metrics)  # fmt: skip
+
     def counters(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "schedule": asdict(self.schedule),
                 "base_lrs": self.base_lrs}  # fmt: skip
@@ -206,20 +214,16 @@ class Trainer(StepTrainer):
         for layer in max_logits:  # consumed above; do not leave stale numbers on the modules
             self.model.layers[str(layer)].self_attn.max_logits = None
         update_routing_bias_(self.model, counts, self.cfg.bias_update_rate)
-        self.step += 1
-        self.tokens += tokens
-        return train_record(
-            step=self.step,
-            tokens=self.tokens,
+        return self.end_step(
+            tokens,
+            scale,
+            t0,
             loss=loss_value,
             aux_loss=aux_sum / n,
-            lr=self.base_lrs[0] * scale,
             grad_norm=grad_norm,
             max_logit=max(float(m.max()) for m in max_logits.values()) if max_logits else float("nan"),
             heads_clipped=clipped,
             imbalance=load_imbalance(counts),
-            step_tokens=tokens,
-            seconds=time.perf_counter() - t0,
         )
 
     @torch.no_grad()

@@ -37,9 +37,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 from openk2.train.config import RunOptions
 from openk2.train.logging import ConsoleLog, RunLogger
+
+T = TypeVar("T")
 
 
 class RunError(ValueError):
@@ -65,6 +68,25 @@ SHAPE_KEYS = (
 
 def print_err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def signal_exit_code(name: str) -> int:
+    """The exit code of a run stopped by the signal `name` ("SIGTERM" -> 143), as shells report it."""
+    return 128 + signal.Signals[name].value
+
+
+def run_command(job: Callable[[], T]) -> T | int:
+    """Run a training command's job (`openk2 train/sft/rl`): its result, or, after one `error:` line
+    on stderr, the exit code: 1 when training diverged, 2 for a refused input (a bad flag, file, run
+    directory or config value: ValueError / OSError)."""
+    try:
+        return job()
+    except TrainingDiverged as e:
+        print_err(f"error: training diverged: {e}")
+        return 1
+    except (ValueError, OSError) as e:
+        print_err(f"error: {e}")
+        return 2
 
 
 def config_difference(recorded: dict, current: dict, prefix: str = "") -> list[str]:

@@ -318,25 +318,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from openk2.train.run import TrainingDiverged
+    from openk2.train.run import run_command, signal_exit_code
 
     names = {f.name for f in fields(SFTConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    try:
-        cfg = SFTConfig(**values, progress=not args.no_progress)
-        summary = sft(cfg, resume=not args.no_resume, overwrite=args.overwrite)
-    except TrainingDiverged as e:
-        print(f"error: training diverged: {e}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    summary = run_command(
+        lambda: sft(SFTConfig(**values, progress=not args.no_progress), not args.no_resume, args.overwrite)
+    )
+    if isinstance(summary, int):
+        return summary
     if summary["interrupted"]:
         where = f"step {summary['steps']}; checkpoint {summary['checkpoint']}"
         print(
             f"{summary['interrupted']}: stopped at {where}; run the same command to resume", file=sys.stderr
         )
-        return 1
+        return signal_exit_code(summary["interrupted"])
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     print(
         f"fine-tuned {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['conversations']} "
