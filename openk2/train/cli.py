@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 
 from openk2.distributed.mesh import ParallelConfig
-from openk2.train.config import NS_DTYPES, OPTIMIZERS, TrainConfig
+from openk2.train.config import NS_DTYPES, OPTIMIZERS, ModelOptions, OptimizerOptions, RunOptions, TrainConfig
 from openk2.train.loop import pretrain
 from openk2.train.memory import MemoryOptions
 from openk2.train.run import run_command, signal_exit_code
@@ -47,7 +47,11 @@ OPTIONAL = {"out_dir": str, "model_config": str, "aux_loss_alpha": float, "max_c
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
-    for f in fields(TrainConfig):
+    shared = [ModelOptions, OptimizerOptions, RunOptions]
+    group = {f.name: i for i, part in enumerate(shared) for f in fields(part)}
+    # help in reading order: the model, the data (TrainConfig's own fields), the optimizer, the run
+    ordered = sorted(fields(TrainConfig), key=lambda f: {0: 0, 1: 2, 2: 3}.get(group.get(f.name, -1), 1))
+    for f in ordered:
         if f.name in ("memory", "progress", "tensorboard", "parallel"):
             continue
         flag = "--" + f.name.replace("_", "-")
