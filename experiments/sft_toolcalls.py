@@ -47,7 +47,7 @@ import torch
 from openk2.checkpoint import load_model, save_model
 from openk2.data.agents import Agent, Task, make_agents, template_tasks
 from openk2.data.llm import ChatRequest, LLMClient, Rejected, ScriptedBackend
-from openk2.data.tools import EvolveArgs, MCPToolbox, evolve_tools, import_mcp_tools, shipped_server_command
+from openk2.data.tools import EvolveArgs, evolve_tools, import_mcp_tools, shipped_server_command
 from openk2.data.trajectories import EpisodeConfig, Judge, OracleAgent, run_episode
 
 DOMAINS = {
@@ -127,42 +127,38 @@ async def build_data(args: argparse.Namespace, out: Path) -> tuple[Path, dict[st
     prompts: dict[str, list[Prompt]] = {"held-out prompts": [], "held-out agents": []}
     held: list[tuple[str, Agent, Task]] = []  # (set, agent, task), played after the training tasks
     train_plans: set[str] = set()
-    async with MCPToolbox(shipped_server_command(ws), "openk2") as box:
 
-        async def play(agent: Agent, task: Task) -> dict | None:
-            nonlocal rejected
-            try:
-                return await run_episode(task, agent, OracleAgent(), None, judge, cfg, box)
-            except Rejected as e:
-                rejected += 1
-                print(f"rejected {task.id}: {e}")
-                return None
+    async def play(agent: Agent, task: Task) -> dict | None:
+        nonlocal rejected
+        try:
+            return await run_episode(task, agent, OracleAgent(), None, judge, cfg)  # a workspace per episode
+        except Rejected as e:
+            rejected += 1
+            print(f"rejected {task.id}: {e}")
+            return None
 
-        for agent in agents:
-            if any(agent.name.endswith("-" + re.sub(r"[^a-z0-9]+", "-", d)) for d in held_domains):
-                held += [
-                    ("held-out agents", agent, t)
-                    for t in template_tasks(agent, args.tasks_per_agent, args.seed)
-                ]
-                continue
-            tasks = template_tasks(agent, args.tasks_per_agent + args.heldout_tasks, args.seed)
-            for task in tasks[: args.tasks_per_agent]:
-                train_plans.add(json.dumps(task.plan, sort_keys=True))
-                if (record := await play(agent, task)) is not None:
-                    train.append(record)
-            held += [("held-out prompts", agent, t) for t in tasks[args.tasks_per_agent :]]
-        duplicates = 0
-        for split, agent, task in held:
-            if json.dumps(task.plan, sort_keys=True) in train_plans:
-                duplicates += 1  # the same request was trained on: not held out
-                continue
+    for agent in agents:
+        if any(agent.name.endswith("-" + re.sub(r"[^a-z0-9]+", "-", d)) for d in held_domains):
+            held += [
+                ("held-out agents", agent, t) for t in template_tasks(agent, args.tasks_per_agent, args.seed)
+            ]
+            continue
+        tasks = template_tasks(agent, args.tasks_per_agent + args.heldout_tasks, args.seed)
+        for task in tasks[: args.tasks_per_agent]:
+            train_plans.add(json.dumps(task.plan, sort_keys=True))
             if (record := await play(agent, task)) is not None:
-                first = record["messages"][2]["tool_calls"][0]["function"]
-                prompts[split].append(
-                    Prompt(
-                        record["messages"][:2], record["tools"], first["name"], json.loads(first["arguments"])
-                    )
-                )
+                train.append(record)
+        held += [("held-out prompts", agent, t) for t in tasks[args.tasks_per_agent :]]
+    duplicates = 0
+    for split, agent, task in held:
+        if json.dumps(task.plan, sort_keys=True) in train_plans:
+            duplicates += 1  # the same request was trained on: not held out
+            continue
+        if (record := await play(agent, task)) is not None:
+            first = record["messages"][2]["tool_calls"][0]["function"]
+            prompts[split].append(
+                Prompt(record["messages"][:2], record["tools"], first["name"], json.loads(first["arguments"]))
+            )
     trained_names = {t["function"]["name"] for r in train for t in r["tools"]}
     unseen = {t["function"]["name"] for p in prompts["held-out agents"] for t in p.tools}
     if trained_names & unseen:

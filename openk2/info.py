@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 
 from openk2.config import ModelConfig
@@ -32,13 +33,26 @@ def _fmt(n: float) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", default="kimi-k2", help="kimi-k2, deepseek-v3, small or tiny")
-    src.add_argument("--config", help="a checkpoint directory or config.json instead of a preset")
+    src.add_argument("--model", help="a checkpoint or run directory, or a config.json, instead of a preset")
+    src.add_argument("--config", help="same as --model (a TOML/JSON file of flags is read as options)")
     p.add_argument("--context", type=int, default=4096, help="attended context for the FLOPs estimate")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def load_config(path: str) -> ModelConfig:
+    """The model config of a config.json, a checkpoint directory or a run directory."""
+    from openk2.checkpoint import resolve_checkpoint
+
+    if os.path.isdir(path):
+        path = str(resolve_checkpoint(path))
+    return ModelConfig.from_pretrained(path)
+
+
 def run(args: argparse.Namespace) -> int:
-    c = ModelConfig.from_pretrained(args.config) if args.config else ModelConfig.from_preset(args.preset)
+    if args.context < 1:
+        raise ValueError(f"--context must be >= 1, got {args.context}")
+    source = args.model or args.config
+    c = load_config(source) if source else ModelConfig.from_preset(args.preset)
     info = describe(c, args.context)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -60,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         ("weights, fp8 + scales", f"{weights['fp8']:,}", _fmt(weights["fp8"]) + "B"),
     ]
     width = max(len(r[0]) for r in rows)
-    print(f"{args.config or args.preset} ({c.model_type})")
+    print(f"{source or args.preset} ({c.model_type})")
     for name, exact, short in rows:
         print(f"  {name:<{width}}  {exact:>22}  {short}")
     return 0

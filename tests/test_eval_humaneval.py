@@ -65,9 +65,10 @@ def test_cli_reference(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "| pass@1" in out.stdout and "1.0000" in out.stdout
-    saved = json.loads((tmp_path / "humaneval-reference-canonical.json").read_text())
+    (path,) = tmp_path.glob("humaneval-reference-canonical-*.json")  # label: name + config hash
+    saved = json.loads(path.read_text())
     assert saved["metrics"]["pass@1"] == 1.0 and len(saved["records"]) == 4
-    bad = subprocess.run(cmd[:4], capture_output=True, text=True, timeout=60)  # no model, no reference
+    bad = subprocess.run(cmd[:5], capture_output=True, text=True, timeout=60)  # no model, no reference
     assert bad.returncode == 2 and "--model" in bad.stderr
 
 

@@ -72,7 +72,8 @@ def test_cli_perplexity_on_corpus_tail(ckpt, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "| bits_per_byte" in out.stdout
-    saved = json.loads((tmp_path / f"perplexity-{ckpt.name}.json").read_text())
+    (path,) = tmp_path.glob(f"perplexity-{ckpt.name}-*.json")  # label: name + config hash
+    saved = json.loads(path.read_text())
     assert saved["metrics"]["bytes"] >= 3000 and saved["context"] == 128 and saved["stride"] == 64
     bad = subprocess.run(
         [sys.executable, "-m", "openk2.cli", "eval", "perplexity", "--endpoint", "http://127.0.0.1:9/v1"],

@@ -382,13 +382,11 @@ def test_code_env_through_the_chat_interface(humaneval):
 
 @pytest.mark.slow
 def test_all_humaneval_canonical_solutions_pass_and_empty_fail(humaneval):
-    start = time.monotonic()
     results = check_many(humaneval, [p["canonical_solution"] for p in humaneval], workers=2)
     failures = [(p["task_id"], r.reason, r.stderr[-300:]) for p, r in zip(humaneval, results) if not r.passed]
     assert not failures
     empty = check_many(humaneval, [""] * len(humaneval), workers=2)
     assert not any(r.passed for r in empty)
-    assert time.monotonic() - start < 120
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,13 +25,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from openk2.checkpoint import CheckpointError, load_tokenizer, resolve_checkpoint
+from openk2.checkpoint import load_tokenizer, resolve_checkpoint
 from openk2.checkpoint.hf import load_pretrained, save_pretrained
 
 SERVE_HINT = """\
@@ -95,28 +94,35 @@ def _ordinary_permissions(root: Path) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="an openk2 checkpoint directory or run directory (e.g. runs/small)")
-    p.add_argument("out", help="new directory to write")
+    p.add_argument(
+        "checkpoint",
+        nargs="?",
+        metavar="MODEL",
+        help="checkpoint or run directory (its latest checkpoint), e.g. runs/small; same as --model",
+    )
+    p.add_argument("out", help="new directory to write (must not exist, or be empty)")
+    p.add_argument("--model", help="checkpoint directory, or run directory (its latest checkpoint)")
     p.add_argument("--fp8", action="store_true", help="block-FP8 e4m3 weights with 128x128 scales")
     p.add_argument("--model-type", default="deepseek_v3", choices=["deepseek_v3", "kimi_k2"])
-    p.add_argument("--max-shard-gb", type=float, default=4.0)
+    p.add_argument("--max-shard-gb", type=float, default=4.0, help="largest safetensors shard, in GiB")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        with torch.no_grad():
-            out = export(
-                args.checkpoint,
-                args.out,
-                fp8=args.fp8,
-                model_type=args.model_type,
-                max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
-            )
-    except (OSError, ValueError, CheckpointError) as e:
-        print(f"openk2 export: error: {e}", file=sys.stderr)
-        return 1
+    from openk2.checkpoint.store import resolve_checkpoint
+
+    if not args.max_shard_gb > 0:
+        raise ValueError(f"--max-shard-gb must be > 0, got {args.max_shard_gb}")
+    checkpoint = resolve_checkpoint(args.model)  # a run directory means its latest checkpoint
+    with torch.no_grad():
+        out = export(
+            checkpoint,
+            args.out,
+            fp8=args.fp8,
+            model_type=args.model_type,
+            max_shard_bytes=int(args.max_shard_gb * (1 << 30)),
+        )
     files = sorted(p.name for p in out.iterdir())
-    print(f"wrote {out}: {', '.join(files)}")
+    print(f"wrote {out} from {checkpoint}: {', '.join(files)}")
     max_len = json.loads((out / "config.json").read_text())["max_position_embeddings"]
     print(SERVE_HINT.format(out=out, name=out.name, max_len=max_len))
     if args.model_type == "kimi_k2":

@@ -1,7 +1,8 @@
 """`openk2 synth rephrase|tools|trajectories`: the post-training data pipelines from the command line.
 
-Every pipeline talks to one model through the LLM client: `--base-url http://127.0.0.1:8000/v1` (an
-`openk2 serve`, vLLM or hosted endpoint) or `--checkpoint DIR` (the in-process engine). Outputs are
+Every pipeline talks to one model through the LLM client: `--endpoint http://127.0.0.1:8000/v1` (an
+`openk2 serve`, vLLM or hosted endpoint; `--served-model` names the model it serves) or `--model DIR`
+(a checkpoint or run directory in the in-process engine). Outputs are
 JSONL and resumable: rerun the same command after an interruption and it continues.
 """
 
@@ -13,7 +14,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from openk2.data.llm import LLMClient, ScriptedBackend, make_client, read_jsonl, run_jsonl
+from openk2.data.llm import LLMClient, RunSummary, ScriptedBackend, make_client, read_jsonl, run_jsonl
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,11 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     def common(p: argparse.ArgumentParser, needs_model: bool = True) -> None:
         p.add_argument("--out", required=True, help="output JSONL (resumed if it exists)")
-        p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-        p.add_argument("--checkpoint", help="checkpoint directory for the in-process engine")
-        p.add_argument("--model", default="openk2", help="model name sent to the endpoint")
-        p.add_argument("--api-key", default="EMPTY")
-        p.add_argument("--concurrency", type=int, default=8)
+        p.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+        p.add_argument("--base-url", dest="endpoint", help=argparse.SUPPRESS)  # the old spelling
+        p.add_argument("--model", help="checkpoint or run directory, run in-process (instead of --endpoint)")
+        p.add_argument("--checkpoint", dest="model", help=argparse.SUPPRESS)  # the old spelling
+        p.add_argument("--served-model", default="openk2", help="model name sent to the endpoint")
+        p.add_argument("--api-key", default="EMPTY", help="bearer token for the endpoint")
+        p.add_argument("--concurrency", type=int, default=8, help="requests in flight")
         p.add_argument("--cache", help="request cache JSONL (default: OUT.cache.jsonl)")
         p.add_argument("--seed", type=int, default=0)
 
@@ -48,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--mcp", action="append", default=[], help="MCP server command line (repeatable)")
     p.add_argument("--workspace", help="workspace for the shipped MCP server (default: a temp dir)")
     p.add_argument("--no-shipped", action="store_true", help="do not import the shipped MCP server's tools")
-    p.add_argument("--no-synthetic", action="store_true", help="only import MCP tools (needs no model)")
+    p.add_argument(
+        "--no-synthetic", action="store_true", help="only import MCP tools (needs no --endpoint or --model)"
+    )
     p.add_argument("--categories", type=int, default=8)
     p.add_argument("--domains-per-category", type=int, default=4)
     p.add_argument("--tools-per-domain", type=int, default=5)
@@ -66,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="no model at all: oracle agent on template tasks, template user and tool simulators, rule judge",
     )
     p.add_argument(
-        "--workspace", help="workspace of the shipped MCP server for real tools (default: temp dir)"
+        "--workspace", help="ignored: every episode runs its real tools in a fresh workspace of its own"
     )
     p.add_argument("--error-rate", type=float, default=0.1)
     p.add_argument("--partial-rate", type=float, default=0.05)
@@ -77,19 +82,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _client(args) -> LLMClient:
+    """The one model the pipeline talks to: --endpoint URL, or --model DIR in-process."""
+    if (args.endpoint is None) == (args.model is None):
+        raise ValueError("give exactly one of --endpoint URL (an OpenAI-compatible server) or --model DIR")
+    checkpoint = None
+    if args.model is not None:
+        from openk2.checkpoint import resolve_checkpoint
+
+        checkpoint = str(resolve_checkpoint(args.model))  # a run directory: its latest checkpoint
+    if args.concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1, got {args.concurrency}")
     cache = args.cache or str(Path(args.out).with_suffix(".cache.jsonl"))
-    return make_client(args.base_url, args.model, args.checkpoint, args.concurrency, cache, args.api_key)
+    return make_client(args.endpoint, args.served_model, checkpoint, args.concurrency, cache, args.api_key)
+
+
+def _check_out(path: str) -> None:
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"--out {path} is a directory; give a .jsonl file path")
+
+
+def _report(step: str, summary: RunSummary, out: str, client: LLMClient | None) -> None:
+    """A plain summary of a pipeline run, and the request statistics when any request was made."""
+    earlier = f", {summary.skipped} done by an earlier run" if summary.skipped else ""
+    print(
+        f"{step}: {summary.total} items: {summary.accepted} accepted, {summary.rejected} rejected, "
+        f"{summary.failed} failed{earlier}; written to {out}"
+    )
+    if summary.failed:
+        print(f"  {summary.failed} failed items were not marked done: rerun the same command to retry them")
+    if client is not None:
+        s = client.stats
+        if s.requests or s.cache_hits or s.failures or s.retries:
+            print(s.table())
 
 
 def _documents(path: str) -> list[dict]:
     p = Path(path)
-    if not p.exists():
-        raise SystemExit(f"error: input {path} does not exist")
+    if not p.is_file():
+        raise FileNotFoundError(f"--input {path}: {'is a directory' if p.exists() else 'no such file'}")
     if p.suffix == ".jsonl":
         docs = read_jsonl(p)
         for i, d in enumerate(docs):
             if not isinstance(d.get("text"), str):
-                raise SystemExit(f"error: {path}:{i + 1} has no 'text' string")
+                raise ValueError(f"{path}:{i + 1} has no 'text' string")
             d.setdefault("id", f"doc-{i:06d}")
         return docs
     return [
@@ -102,6 +137,7 @@ def _documents(path: str) -> list[dict]:
 async def _rephrase(args) -> int:
     from openk2.data.rephrase import Embedder, RephraseArgs, rephrase_document
 
+    documents = _documents(args.input)  # a bad input fails before any model loads
     client = _client(args)
     embedder = Embedder(lexical=args.lexical_fidelity)
     kind = "bag-of-words cosine (weaker fallback)" if embedder.kind == "lexical" else "all-MiniLM-L6-v2"
@@ -118,11 +154,8 @@ async def _rephrase(args) -> int:
     async def work(doc: dict) -> dict:
         return await rephrase_document(client, doc["id"], doc["text"], rargs, embedder)
 
-    summary = await run_jsonl(
-        _documents(args.input), work, args.out, client.stats, "rephrase", workers=args.concurrency
-    )
-    print(summary)
-    print(client.stats.table())
+    summary = await run_jsonl(documents, work, args.out, client.stats, "rephrase", workers=args.concurrency)
+    _report("rephrase", summary, args.out, client)
     return 0
 
 
@@ -155,14 +188,14 @@ async def _tools(args) -> int:
     save_tools(tools, args.out)
     n_real = sum(t.real for t in tools)
     print(f"wrote {len(tools)} tools ({n_real} real, {dropped} duplicates dropped) to {args.out}")
-    if client is not None:
+    if client is not None and (client.stats.requests or client.stats.failures):
         print(client.stats.table())
     return 0
 
 
 async def _trajectories(args) -> int:
     from openk2.data.agents import llm_tasks, make_agents, template_tasks
-    from openk2.data.tools import MCPToolbox, load_tools, shipped_server_command
+    from openk2.data.tools import load_tools
     from openk2.data.trajectories import EpisodeConfig, Judge, LLMAgent, OracleAgent, run_episode
 
     tools = load_tools(args.tools)
@@ -170,9 +203,7 @@ async def _trajectories(args) -> int:
     by_name = {a.name: a for a in agents}
     if args.scripted:
         if args.task_source != "template":
-            raise SystemExit(
-                "error: --scripted needs --task-source template (the oracle follows reference plans)"
-            )
+            raise ValueError("--scripted needs --task-source template (the oracle follows reference plans)")
         # The stats and cache machinery still run; no request ever reaches this backend.
         client = LLMClient(ScriptedBackend(lambda r: RuntimeError("scripted mode makes no model requests")))
         sim_client, policy, judge = None, OracleAgent(), Judge(None)
@@ -190,10 +221,7 @@ async def _trajectories(args) -> int:
         else:
             tasks += await llm_tasks(client, a, args.tasks_per_agent, args.seed)
     cfg = EpisodeConfig(args.max_steps, args.seed, args.error_rate, args.partial_rate, args.edge_rate)
-    toolbox = None
-    if any(t.real for a in agents for t in a.tools):
-        ws = args.workspace or tempfile.mkdtemp(prefix="openk2-traj-")
-        toolbox = await MCPToolbox(shipped_server_command(ws), "openk2").__aenter__()
+    toolbox = None  # real tools: run_episode opens one workspace per episode
     try:
 
         async def work(item: dict) -> dict:
@@ -209,14 +237,11 @@ async def _trajectories(args) -> int:
     finally:
         if toolbox is not None:
             await toolbox.__aexit__(None, None, None)
-    print(summary)
-    print(client.stats.table())
+    _report("trajectories", summary, args.out, None if args.scripted else client)
     return 0
 
 
 def run(args: argparse.Namespace) -> int:
     fn = {"rephrase": _rephrase, "tools": _tools, "trajectories": _trajectories}[args.pipeline]
-    try:
-        return asyncio.run(fn(args))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    _check_out(args.out)
+    return asyncio.run(fn(args))

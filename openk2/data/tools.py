@@ -127,9 +127,17 @@ def load_tools(path: str | Path) -> list[Tool]:
 # Real tools over MCP
 
 
-def shipped_server_command(workspace: str | Path) -> list[str]:
-    """The command line of the MCP server this project ships (sandboxed python, shell, files)."""
-    return [sys.executable, "-m", "openk2.data.mcp_server", "--workspace", str(workspace)]
+def shipped_server_command(
+    workspace: str | Path | None = None, wall_seconds: float | None = None
+) -> list[str]:
+    """The command line of the MCP server this project ships (the `openk2.tools` tools: persistent
+    python, shell, files, plot). Without a workspace the server makes its own, removed on exit."""
+    cmd = [sys.executable, "-m", "openk2.data.mcp_server"]
+    if workspace is not None:
+        cmd += ["--workspace", str(workspace)]
+    if wall_seconds is not None:
+        cmd += ["--wall-seconds", str(wall_seconds)]
+    return cmd
 
 
 class MCPToolbox:
@@ -184,6 +192,44 @@ class MCPToolbox:
         text = "\n".join(getattr(c, "text", "") for c in result.content if getattr(c, "type", "") == "text")
         is_error = bool(getattr(result, "isError", getattr(result, "is_error", False)))
         return text, is_error
+
+
+class WorkspaceToolbox:
+    """The shipped tools (`openk2.tools`) for one episode, in-process: a fresh ToolSession with its own
+    workspace and interpreter, closed (workspace removed) with the episode. Same interface as
+    MCPToolbox, and the same tools and schemas the shipped MCP server lists.
+
+    async with WorkspaceToolbox() as box:
+        text, is_error = await box.call("python", {"code": "print(1)"})
+    """
+
+    name = "openk2"
+
+    def __init__(self, **session_kw):
+        self.session_kw = session_kw
+        self.session = None
+
+    async def __aenter__(self) -> WorkspaceToolbox:
+        from openk2.tools.toolset import ToolSession
+
+        self.session = await asyncio.to_thread(lambda: ToolSession(**self.session_kw))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.session is not None:
+            await asyncio.to_thread(self.session.close)
+            self.session = None
+
+    async def list_tools(self) -> list[Tool]:
+        from openk2.tools.toolset import TOOL_SPECS
+
+        return [
+            Tool(n, spec["description"], spec["parameters"], f"mcp:{self.name}", "real", self.name)
+            for n, spec in TOOL_SPECS.items()
+        ]
+
+    async def call(self, name: str, arguments: dict) -> tuple[str, bool]:
+        return await asyncio.to_thread(self.session.call, name, arguments)
 
 
 async def import_mcp_tools(command: list[str], name: str | None = None) -> list[Tool]:

@@ -10,8 +10,9 @@ judge that keeps only trajectories meeting the task's rubric (K2 report, section
   changed, looked up), validates arguments against the tool's JSON Schema, and draws a seeded outcome
   for every call: success, error, partial result or edge case (e.g. empty results). With a client the
   LLM writes the result given state and outcome; without, a template does.
-* Real tools (imported from MCP) run for real through `MCPToolbox` (the shipped server executes code
-  in `openk2.sandbox`).
+* Real tools (imported from MCP) run for real, in a fresh workspace per episode (`WorkspaceToolbox`:
+  the `openk2.tools` runtime in-process, the same tools the shipped MCP server serves), so concurrent
+  episodes never see each other's files, processes or interpreter state.
 * `Judge`: rule checks that need no model (expected tool pattern in order, schema-valid arguments,
   checkpoints present, a final answer) and, with a client, an LLM score against the rubric. A
   trajectory is written only when every check passes: this is rejection sampling.
@@ -36,7 +37,7 @@ import jsonschema
 
 from openk2.data.agents import Agent, Task
 from openk2.data.llm import ChatRequest, ChatResponse, LLMClient, LLMError, Rejected, extract_json
-from openk2.data.tools import MCPToolbox, Tool
+from openk2.data.tools import MCPToolbox, Tool, WorkspaceToolbox
 
 PERSONAS = [
     ("busy professional", "terse, wants results fast, no small talk", "{t} Quick, please."),
@@ -404,9 +405,15 @@ async def run_episode(
     sim_client: LLMClient | None,
     judge: Judge,
     cfg: EpisodeConfig,
-    toolbox: MCPToolbox | None = None,
+    toolbox: MCPToolbox | WorkspaceToolbox | None = None,
 ) -> dict:
-    """Play one conversation; return its record, or raise Rejected with the judge's reasons."""
+    """Play one conversation; return its record, or raise Rejected with the judge's reasons.
+
+    Real tools run in a workspace of this episode's own (opened here, removed at the end) unless the
+    caller passes a `toolbox`, which is then shared by whoever shares it."""
+    if toolbox is None and any(t.real for t in agent.tools):
+        async with WorkspaceToolbox() as own:
+            return await run_episode(task, agent, policy, sim_client, judge, cfg, own)
     episode_seed = zlib.crc32(f"{cfg.seed}:{task.id}".encode())  # stable across processes (resume, cache)
     rng = random.Random(episode_seed)
     persona = PERSONAS[rng.randrange(len(PERSONAS))]

@@ -165,13 +165,18 @@ def all_reduce_(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+# torch 2.13 renamed these collectives (the old names print a FutureWarning); older torch has only those.
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def reduce_scatter(out: torch.Tensor, full: torch.Tensor, group) -> torch.Tensor:
     """Sum `full` (n * len(out) elements) over the group; keep this rank's chunk in `out`."""
     n = group_size(group)
     if n == 1:
         return out.copy_(full)
     COMM.add("reduce_scatter", full.numel() * full.element_size() * (n - 1) // n)
-    dist.reduce_scatter_tensor(out, full, group=group)
+    _reduce_scatter_single(out, full, group=group)
     return out
 
 
@@ -180,7 +185,7 @@ def all_gather(full: torch.Tensor, shard: torch.Tensor, group) -> torch.Tensor:
     if n == 1:
         return full.copy_(shard)
     COMM.add("all_gather", shard.numel() * shard.element_size() * (n - 1))
-    dist.all_gather_into_tensor(full, shard, group=group)
+    _all_gather_single(full, shard, group=group)
     return full
 
 

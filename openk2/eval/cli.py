@@ -1,8 +1,11 @@
 """`openk2 eval TASK --model CHECKPOINT | --endpoint URL` and `openk2 eval compare A.json B.json ...`.
 
-Tasks: humaneval, perplexity, gym, toolcall. Each run writes results/<task>-<model>.json (config,
+Tasks: humaneval, perplexity, gym, toolcall. Each run writes results/<task>-<label>.json (config,
 metrics, per-item records), a .md table next to it, and a .jsonl of per-item records as it goes;
-rerunning the same command resumes where an interrupted run stopped.
+rerunning the same command resumes where an interrupted run stopped. The default label is the model's
+name plus a hash of model and config, so two different runs never write the same files.
+`max_tokens` is capped at what the model's context leaves (the engine's, or what the endpoint's
+/v1/models or /health reports), and `--log-samples` keeps every raw reply.
 """
 
 from __future__ import annotations
@@ -14,19 +17,29 @@ from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import urlparse
 
-from openk2.eval.harness import ResultStore, compare_table, load_result, result_table
+from openk2.eval.harness import (
+    ContextCappedBackend,
+    ResultStore,
+    SampleLog,
+    compare_table,
+    default_label,
+    endpoint_context,
+    load_result,
+    result_table,
+)
 
 TASKS = ("humaneval", "perplexity", "gym", "toolcall", "compare")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("task", choices=TASKS, help="what to run; `compare` takes result JSON files")
     p.add_argument("results", nargs="*", help="(compare) result JSON files")
     src = p.add_argument_group("model source (exactly one, except for humaneval --reference)")
-    src.add_argument("--model", help="checkpoint directory (weights + tokenizer), run in-process")
+    src.add_argument("--model", help="checkpoint or run directory (its latest checkpoint), run in-process")
     src.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    src.add_argument("--served-model", help="model name to send to the endpoint (default: its first)")
+    src.add_argument(
+        "--served-model", help="model name to send to the endpoint (default: the first it lists)"
+    )
     src.add_argument(
         "--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token for the endpoint"
     )
@@ -39,13 +52,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     run = p.add_argument_group("run")
     run.add_argument("--out", default="results", help="directory for result files")
-    run.add_argument("--name", help="label of the model in file names and tables")
+    run.add_argument(
+        "--name",
+        help="label of the model in file names and tables (default: its name plus a hash of model and "
+        "config, so the same command resumes and another run never collides)",
+    )
+    run.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also write every request and the model's raw reply to <result>.samples.jsonl",
+    )
     run.add_argument("--restart", action="store_true", help="discard saved items of this run and start over")
     run.add_argument("--batch-size", type=int, default=8, help="items per batch (and per checkpoint save)")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--temperature", type=float, default=None, help="default 0 (greedy)")
-    run.add_argument("--max-tokens", type=int, default=None)
+    run.add_argument(
+        "--temperature", type=float, default=None, help="default 0: greedy, so scores are reproducible"
+    )
+    run.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="reply budget (default 512), always capped at what the model's context leaves",
+    )
     he = p.add_argument_group("humaneval")
     he.add_argument("--n-samples", type=int, default=1)
     he.add_argument("--k", type=int, nargs="+", default=[1], help="pass@k for each k (<= n-samples)")
@@ -69,14 +98,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tc.add_argument("--no-stream", action="store_true", help="skip the streamed half (no agreement metric)")
 
 
-def _label(args: argparse.Namespace, backend) -> str:
-    if args.name:
-        return args.name
+def _base_label(args: argparse.Namespace, backend) -> str:
     if args.model:
-        return Path(args.model).resolve().name
+        path = Path(args.model).resolve()
+        # runs/small/checkpoints/step-0000200 -> small-step-0000200
+        return f"{path.parent.parent.name}-{path.name}" if path.parent.name == "checkpoints" else path.name
     if backend is not None:
         return f"{backend.model}@{urlparse(args.endpoint).netloc}"
     return f"reference-{args.reference}"
+
+
+def _store(args: argparse.Namespace, task: str, base: str, config: dict) -> ResultStore:
+    config = {**config, **_source(args)}
+    label = args.name or default_label(base, _source(args), config)
+    return ResultStore(args.out, task, label, config)
 
 
 def _source(args: argparse.Namespace) -> dict:
@@ -87,10 +122,34 @@ def _source(args: argparse.Namespace) -> dict:
     return {"reference": args.reference}
 
 
+def _wrap(backend, args: argparse.Namespace, store: ResultStore):
+    """The backend with max_tokens kept inside the model's context, and --log-samples."""
+    if backend is None:
+        return None
+    if args.endpoint:
+        capped = ContextCappedBackend(backend, endpoint_context(args.endpoint, args.api_key, args.timeout))
+    else:
+        from openk2.tokenizer.chat import encode_chat
+
+        tok = backend.tokenizer
+
+        def count(req) -> int:
+            if hasattr(req, "messages"):
+                return len(encode_chat(tok, req.messages, req.tools, add_generation_prompt=True).ids)
+            return len(tok.encode(req.prompt))
+
+        capped = ContextCappedBackend(backend, backend.engine.max_seq_len, count)
+    if args.log_samples:
+        path = store.json_path.with_suffix(".samples.jsonl")
+        if args.restart:
+            path.unlink(missing_ok=True)
+        return SampleLog(capped, path)
+    return capped
+
+
 def _compare(paths: list[str]) -> int:
     if not paths:
-        print("openk2 eval compare: give one or more result JSON files", file=sys.stderr)
-        return 2
+        raise ValueError("openk2 eval compare: give one or more result JSON files")
     print(compare_table([load_result(p) for p in paths]))
     return 0
 
@@ -99,15 +158,8 @@ def run(args: argparse.Namespace) -> int:
     if args.task == "compare":
         return _compare(args.results)
     if args.results:
-        print(f"unexpected arguments {args.results}; only `compare` takes files", file=sys.stderr)
-        return 2
-    try:
-        return _run_task(args)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"openk2 eval: error: {e}", file=sys.stderr)
-        return 2
+        raise ValueError(f"unexpected arguments {args.results}; only `compare` takes result files")
+    return _run_task(args)
 
 
 def _run_task(args: argparse.Namespace) -> int:
@@ -120,6 +172,15 @@ def _run_task(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one of --model CHECKPOINT or --endpoint URL")
     if not needs_model and (args.model or args.endpoint):
         raise ValueError("--reference checks the harness alone; drop --model/--endpoint")
+    for name in ("batch_size", "concurrency", "max_batch", "n_samples", "n_tasks", "max_turns", "workers"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.model:
+        from openk2.checkpoint import resolve_checkpoint
+
+        args.model = str(resolve_checkpoint(args.model))  # a run directory: its latest checkpoint
 
     if args.task == "perplexity":
         from openk2.eval import perplexity
@@ -129,7 +190,7 @@ def _run_task(args: argparse.Namespace) -> int:
                 "perplexity needs the weights (--model): OpenAI endpoints do not score given text"
             )
         cfg = perplexity.PerplexityConfig(args.text, args.chars, args.context, args.stride, args.batch_size)
-        store = ResultStore(args.out, "perplexity", _label(args, None), {**asdict(cfg), **_source(args)})
+        store = _store(args, "perplexity", _base_label(args, None), asdict(cfg))
         return _report(perplexity.run(args.model, cfg, store, **run_kw), store)
 
     backend = None
@@ -146,7 +207,7 @@ def _run_task(args: argparse.Namespace) -> int:
             constrained=not args.no_constrained,
         )
     try:
-        label = _label(args, backend if args.endpoint else None)
+        base = _base_label(args, backend if args.endpoint else None)
         if args.task == "humaneval":
             from openk2.eval import humaneval
 
@@ -161,8 +222,8 @@ def _run_task(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 workers=args.workers,
             ).validate()
-            store = ResultStore(args.out, "humaneval", label, {**asdict(cfg), **_source(args)})
-            result = humaneval.run(backend, cfg, store, **run_kw)
+            store = _store(args, "humaneval", base, asdict(cfg))
+            result = humaneval.run(_wrap(backend, args, store), cfg, store, **run_kw)
         elif args.task == "gym":
             from openk2.eval import gym
 
@@ -177,16 +238,16 @@ def _run_task(args: argparse.Namespace) -> int:
             if args.envs:
                 cfg.envs = list(args.envs)
             cfg.validate()
-            store = ResultStore(args.out, "gym", label, {**asdict(cfg), **_source(args)})
-            result = gym.run(backend, cfg, store, **run_kw)
+            store = _store(args, "gym", base, asdict(cfg))
+            result = gym.run(_wrap(backend, args, store), cfg, store, **run_kw)
         else:
             from openk2.eval import toolcall_conformance as tcc
 
             cfg = tcc.ConformanceConfig(
                 args.cases, args.seed, args.max_tokens or 512, not args.no_stream, args.only
             )
-            store = ResultStore(args.out, "toolcall", label, {**asdict(cfg), **_source(args)})
-            result = tcc.run(backend, cfg, store, **run_kw)
+            store = _store(args, "toolcall", base, asdict(cfg))
+            result = tcc.run(_wrap(backend, args, store), cfg, store, **run_kw)
     finally:
         if backend is not None:
             backend.close()

