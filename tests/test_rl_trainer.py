@@ -327,7 +327,7 @@ def test_openk2_rl_command(tmp_path):
         [sys.executable, "-m", "openk2.cli", "rl", str(tmp_path / "bad.json")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: an RL config needs a non-empty `envs` list"
+        f"error: RL config {tmp_path / 'bad.json'}: an RL config needs a non-empty `envs` list"
     ]
     for extra, message in [(["--steps", "0"], "steps must be >= 1"), (["--init", str(tmp_path)], "neither a"),
                            (["--init", str(path)], "neither a")]:  # fmt: skip

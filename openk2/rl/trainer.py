@@ -97,19 +97,20 @@ class RLConfig(RunOptions):
     engine_batch: int = 128
 
     @classmethod
-    def from_dict(cls, d: dict) -> RLConfig:
+    def from_dict(cls, d: dict, where: str = "RL config") -> RLConfig:
+        """The config from a dict (a parsed file); `where` names it in error messages."""
         if not isinstance(d, dict):
-            raise ConfigError(f"RL config: expected a table of keys, got {type(d).__name__}")
+            raise ConfigError(f"{where}: expected a table of keys, got {type(d).__name__}")
         if not d.get("envs"):
-            raise ConfigError("an RL config needs a non-empty `envs` list")
+            raise ConfigError(f"{where}: an RL config needs a non-empty `envs` list")
         if not isinstance(d["envs"], list):
-            raise ConfigError(f"RL config: key 'envs' expects a list of tables, got {d['envs']!r}")
-        envs = [from_mapping(EnvSpec, e, f"RL config envs[{i}]") for i, e in enumerate(d["envs"])]
-        return from_mapping(cls, {**d, "envs": envs}, "RL config").validate()
+            raise ConfigError(f"{where}: key 'envs' expects a list of tables, got {d['envs']!r}")
+        envs = [from_mapping(EnvSpec, e, f"{where} envs[{i}]") for i, e in enumerate(d["envs"])]
+        return from_mapping(cls, {**d, "envs": envs}, where).validate()
 
     @classmethod
     def load(cls, path: str | Path) -> RLConfig:
-        return cls.from_dict(read_config_file(path, "RL config"))
+        return cls.from_dict(read_config_file(path, "RL config"), f"RL config {path}")
 
     def validate(self) -> RLConfig:
         self.validate_run()
