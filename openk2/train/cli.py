@@ -21,7 +21,8 @@ from openk2.train.schedule import SCHEDULES
 HELP = {
     "preset": "model preset (small, tiny, ...)",
     "model_config": "an HF-format K2 / DeepSeek-V3 config.json (or its directory) instead of a preset",
-    "corpus": "shakespeare, python-stdlib, or a text file / directory",
+    "corpus": "shakespeare, python-stdlib, a text file / directory, or JSONL / Parquet files (a file or a "
+    "directory; tokenised once into memory-mapped shards and streamed)",
     "tokenizer": "auto, default, byte-level, or a tokenizer directory",
     "out_dir": "run directory: metrics.jsonl, tensorboard/, curves.png, checkpoints/ (default runs/<preset>)",
     "steps": "optimizer steps (the schedule's length)",

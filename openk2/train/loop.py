@@ -36,10 +36,11 @@ from torch import nn
 from openk2.optim import MuonClip, load_imbalance, update_routing_bias_
 from openk2.optim.muon import split_parameters
 from openk2.train.config import NS_DTYPES, OPTIMIZERS, OptimizerOptions, TrainConfig
-from openk2.train.data import Batch
+from openk2.train.data import Batch, segment_ids_from_eos
 from openk2.train.memory import activation_context, apply_memory_options
 from openk2.train.run import Run, TrainingDiverged
 from openk2.train.schedule import Schedule
+from openk2.train.shards import is_streamed_corpus
 
 __all__ = ["NS_DTYPES", "OPTIMIZERS", "TrainConfig", "Trainer", "TrainingDiverged", "pretrain"]
 
@@ -297,6 +298,8 @@ def prepare_data(cfg: TrainConfig, vocab_size: int):
     from openk2.train.data import PackedLoader, split_tokens, tokenize_corpus
 
     tokenizer = tokenizer_by_name(cfg.tokenizer, vocab_size)
+    if is_streamed_corpus(cfg.corpus):
+        return tokenizer, *streamed_data(cfg, tokenizer)
     t_tok = time.perf_counter()
     tokens = tokenize_corpus(cfg.corpus, tokenizer, max_chars=cfg.max_chars)
     t_tok = time.perf_counter() - t_tok
@@ -312,6 +315,38 @@ def prepare_data(cfg: TrainConfig, vocab_size: int):
         "tokenize_seconds": t_tok,
     }
     return tokenizer, loader, eval_batches, facts
+
+
+def streamed_data(cfg: TrainConfig, tokenizer):
+    """A JSONL / Parquet corpus: tokenised once into memory-mapped shards (cached under the data
+    cache, keyed by the sources and the tokenizer) and streamed; the tail is held out for evals."""
+    import hashlib
+
+    from openk2.train.data import default_cache_dir
+    from openk2.train.shards import StreamingLoader, TokenShards, build_shards, tokenizer_fingerprint
+
+    source = Path(cfg.corpus).expanduser().resolve()
+    key = hashlib.sha1(f"{source}:{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()[:12]
+    t_tok = time.perf_counter()
+    shards = TokenShards(build_shards(source, tokenizer, default_cache_dir() / "shards" / key), tokenizer)
+    t_tok = time.perf_counter() - t_tok
+    n_val = max(int(len(shards) * cfg.val_fraction), cfg.seq_len + 1)
+    if len(shards) - n_val < 2 * (cfg.seq_len + 1):
+        raise ValueError(f"corpus too small: {len(shards)} tokens cannot fill windows of {cfg.seq_len}")
+    eos = tokenizer.eos_id if cfg.document_mask else None
+    loader = StreamingLoader(shards, cfg.batch_size, cfg.seq_len, eos_id=eos, limit=len(shards) - n_val)
+    val_rows = (n_val - 1) // cfg.seq_len
+    val_batch = max(1, min(cfg.batch_size, val_rows))
+    eval_batches = []
+    for b in range(min(cfg.eval_batches, val_rows // val_batch)):
+        start = len(shards) - n_val + b * val_batch * cfg.seq_len
+        flat = torch.from_numpy(shards.read(start, val_batch * cfg.seq_len + 1))
+        windows = flat.unfold(0, cfg.seq_len + 1, cfg.seq_len)[:val_batch]
+        x = windows[:, :-1]
+        seg = segment_ids_from_eos(x, eos) if eos is not None else None
+        eval_batches.append(Batch(x, windows[:, 1:], None, seg))
+    facts = {"train_tokens": len(shards) - n_val, "val_tokens": n_val, "tokenize_seconds": t_tok}
+    return loader, eval_batches, facts
 
 
 def startup_summary(
