@@ -366,21 +366,12 @@ def _check_device(args: argparse.Namespace) -> None:
     device = getattr(args, "device", None)
     if not isinstance(device, str) or device == "auto":
         return
-    import torch
+    from openk2.distributed.device import DeviceError, resolve_device
 
     try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            built = "with" if torch.backends.cuda.is_built() else "without"
-            raise UsageError(
-                f"--device {device}: CUDA is not available here (torch {torch.__version__}, built {built} "
-                "CUDA); use --device cpu"
-            )
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        resolve_device(device)
+    except DeviceError as e:
+        raise UsageError(str(e)) from None
 
 
 def _one_line(text: str) -> str:

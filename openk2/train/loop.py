@@ -109,9 +109,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerOptions) -> torch.optim.Opti
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The run's device (`openk2.distributed.device.resolve_device`: auto, cpu, cuda, cuda:N)."""
+    from openk2.distributed.device import resolve_device
+
+    return resolve_device(name)
 
 
 class StepTrainer:
