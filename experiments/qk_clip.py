@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from openk2.train.loop import TrainConfig, pretrain  # noqa: E402
 def train(name: str, out: Path, **kw) -> dict:
     cfg = TrainConfig(out_dir=str(out / name), progress=False, tensorboard=False, save_every=10**9, **kw)
     t = time.perf_counter()
+    shutil.rmtree(out / name, ignore_errors=True)  # each experiment run starts fresh
     summary = pretrain(cfg, resume=False)
     records = read_metrics(out / name)
     train_records = [r for r in records if r["kind"] == "train"]

@@ -145,7 +145,7 @@ def main() -> None:
         trainer = RLTrainer(
             config, model=policy, tokenizer=tokenizer, log_fn=lambda m, s=seed: log(f"rl{s} {m}")
         )
-        history = trainer.train()
+        history = trainer.train(resume=False, overwrite=True)  # a fresh run; an old one is moved aside
         final = held_out(policy, tokenizer, args.eval_tasks, eval_seeds)
         sync = [h["sync_s"] for h in history if "sync_s" in h]
         log(f"rl seed {seed}: greedy {final['greedy']:.3f}, sampled {final['sampled']}")

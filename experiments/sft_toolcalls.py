@@ -36,6 +36,7 @@ import json
 import os
 import random
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -307,6 +308,7 @@ def main() -> None:
     eval_seconds = time.perf_counter() - t0
     from openk2.train.sft import SFTConfig, sft
 
+    shutil.rmtree(out / "sft", ignore_errors=True)  # each experiment run starts fresh
     summary = sft(
         SFTConfig(
             data=str(data), init=init, out_dir=str(out / "sft"), steps=args.steps, batch_size=args.batch_size,

@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -365,21 +366,12 @@ def _check_device(args: argparse.Namespace) -> None:
     device = getattr(args, "device", None)
     if not isinstance(device, str) or device == "auto":
         return
-    import torch
+    from openk2.distributed.device import DeviceError, resolve_device
 
     try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device}: not a device name (auto, cpu, cuda, cuda:1, ...)") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            built = "with" if torch.backends.cuda.is_built() else "without"
-            raise UsageError(
-                f"--device {device}: CUDA is not available here (torch {torch.__version__}, built {built} "
-                "CUDA); use --device cpu"
-            )
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        resolve_device(device)
+    except DeviceError as e:
+        raise UsageError(str(e)) from None
 
 
 def _one_line(text: str) -> str:
@@ -473,7 +465,20 @@ def run_command(argv: list[str]) -> int:
     return int(result or 0)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """openk2's own warnings (a damaged checkpoint skipped, a corpus with invalid bytes) as one
+    `warning: ...` line on stderr; everyone else's the usual way."""
+    if category.__module__.startswith("openk2"):
+        print(f"warning: {_one_line(str(message))}", file=file or sys.stderr)
+    else:
+        _default_show_warning(message, category, filename, lineno, file, line)
+
+
+_default_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     end = argv.index("--") if "--" in argv else len(argv)
     debug = "--debug" in argv[:end] or os.environ.get("OPENK2_DEBUG") == "1"

@@ -12,3 +12,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_flush_denormal_leaks():
+    """`openk2` commands run in-process turn on flush-to-zero for speed (openk2/cli.py); that must
+    not leak into later tests (hypothesis refuses to generate floats when subnormals are flushed)."""
+    yield
+    torch.set_flush_denormal(False)

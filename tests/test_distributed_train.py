@@ -152,7 +152,7 @@ def test_layout_errors_are_clear(corpus, tmp_path):
                         "--out-dir", str(tmp_path), "--ep", "2"], capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "needs 2 processes: launch with `torchrun" in r.stderr
     from openk2.distributed.mesh import ParallelConfig
-    from openk2.distributed.train import resolve_layout
+    from openk2.train.distributed import resolve_layout
 
     assert resolve_layout(ParallelConfig(ep=2, dp=0), world=4).dp == 2
     with pytest.raises(ValueError, match="cannot be split"):

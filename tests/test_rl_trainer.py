@@ -222,7 +222,7 @@ def test_config_files_and_errors(tmp_path):
         'kwargs = { max_digits = 1, ops = "+" }\n'
     )
     assert RLConfig.load(tmp_path / "a.json") == RLConfig.load(tmp_path / "a.toml")
-    with pytest.raises(ValueError, match="unknown RL config keys"):
+    with pytest.raises(ValueError, match="unknown keys \\['lr_typo'\\]"):
         RLConfig.from_dict({**cfg, "lr_typo": 1})
     with pytest.raises(ValueError, match="non-empty `envs`"):
         RLConfig.from_dict({"steps": 1})
@@ -240,6 +240,57 @@ def test_config_files_and_errors(tmp_path):
         load_chat_jsonl(bad, K2Tokenizer.byte_level())
 
 
+def test_config_type_errors_and_tokenizer_names_are_one_line(tmp_path):
+    """Wrong types name the key, the expected type and the value; the tokenizer names are the ones
+    every other command accepts (RLConfig once rejected byte-level/bytes/auto)."""
+    cfg = {"envs": [ARITH], "steps": 2}
+    with pytest.raises(ValueError, match="key 'steps' expects int, got 'ten' \\(str\\)"):
+        RLConfig.from_dict({**cfg, "steps": "ten"})
+    with pytest.raises(ValueError, match="envs\\[0\\]: key 'max_tokens' expects int"):
+        RLConfig.from_dict({"envs": [{**ARITH, "max_tokens": "8"}]})
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        RLConfig.from_dict({**cfg, "steps": 0})
+    for name in ("byte-level", "bytes", "byte", "auto", "default"):
+        assert RLConfig.from_dict({**cfg, "tokenizer": name}).tokenizer == name
+    assert RLConfig.from_dict({**cfg, "lr": 1}).lr == 1.0  # an int where a float is expected is fine
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        RLConfig.load(tmp_path / "broken.json")
+    with pytest.raises(ValueError, match="unknown environment 'nope'"):
+        RLTrainer(_config(tmp_path, envs=[{"name": "nope"}]), model=_model(), log_fn=None)
+
+
+def test_train_writes_a_servable_run_and_resumes(tmp_path):
+    """RL runs on the run driver: metrics.jsonl, rl.png, and a checkpoint with model, tokenizer and
+    trainer state that `openk2.checkpoint.load` takes; a second call resumes to a longer run and a
+    finished run is refused."""
+    from openk2.checkpoint import load
+    from openk2.checkpoint.store import load_trainer_state
+    from openk2.train.run import RunError
+
+    lines = []
+    trainer = RLTrainer(_config(tmp_path, steps=2, eval_every=2), model=_model(), log_fn=lines.append)
+    history = trainer.train()
+    assert [h["step"] for h in history] == [0, 1, 2] and "eval/reward" in history[-1]
+    assert any(line.startswith("step=2 ") for line in lines)
+    model, tok = load(tmp_path / "run")
+    assert model.config.vocab_size == 512 and tok.vocab_size == 512
+    state = load_trainer_state(trainer.checkpoint)
+    assert state["step"] == 2 and state["job"] == "rl" and state["run_id"]
+    assert (tmp_path / "run" / "rl.png").stat().st_size > 1000
+    with pytest.raises(RunError, match="already at step 2/2"):
+        RLTrainer(_config(tmp_path, steps=2, eval_every=2), model=_model(), log_fn=None).train()
+    longer = RLTrainer(_config(tmp_path, steps=3, eval_every=2), model=_model(), log_fn=None)
+    history = longer.train()
+    assert [h["step"] for h in history] == [0, 1, 2, 3]
+    assert load_trainer_state(longer.checkpoint)["run_id"] == state["run_id"]
+    # a run directory is a valid `model` / --init: the latest checkpoint, with its tokenizer
+    follow = RLTrainer(RLConfig.from_dict({"envs": [ARITH], "model": str(tmp_path / "run")}), log_fn=None)
+    weights = load(longer.checkpoint)[0].state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in follow.model.state_dict().items())
+    assert follow.tokenizer.vocab_size == 512
+
+
 @pytest.mark.slow
 def test_openk2_rl_command(tmp_path):
     cfg = {"envs": [ARITH], "steps": 2, "prompts_per_step": 2, "samples_per_prompt": 2, "eval_tasks": 3}
@@ -253,13 +304,45 @@ def test_openk2_rl_command(tmp_path):
         timeout=120,
     )
     assert run.returncode == 0, run.stderr
-    summary = json.loads(run.stdout.strip().splitlines()[-1])
-    assert 0 <= summary["last_eval_reward"] <= 1
-    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [0, 1, 2]
+    assert run.stdout.strip().splitlines()[-1].startswith("held-out reward ")
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "rl"] == [0, 1, 2]
     assert (out / "rl.png").stat().st_size > 1000
+    # the run directory is a checkpoint for the other commands
+    cmd = [
+        sys.executable,
+        "-m",
+        "openk2.cli",
+        "sample",
+        str(out),
+        "--prompt",
+        "1+1=",
+        "--max-new-tokens",
+        "4",
+    ]
+    sample = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert sample.returncode == 0, sample.stderr[-2000:]
     (tmp_path / "bad.json").write_text('{"envs": []}')
     bad = subprocess.run(
         [sys.executable, "-m", "openk2.cli", "rl", str(tmp_path / "bad.json")], capture_output=True, text=True
     )
-    assert bad.returncode == 2 and "non-empty `envs`" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: RL config {tmp_path / 'bad.json'}: an RL config needs a non-empty `envs` list"
+    ]
+    for extra, message in [(["--steps", "0"], "steps must be >= 1"), (["--init", str(tmp_path)], "neither a"),
+                           (["--init", str(path)], "neither a")]:  # fmt: skip
+        r = subprocess.run([sys.executable, "-m", "openk2.cli", "rl", str(path), "--out-dir", str(out / "x"),
+                            *extra], capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def test_train_warns_when_no_group_has_reward_spread(tmp_path):
+    """A budget too short for any answer: every sample scores the same, the step has no RL signal,
+    and the console says so."""
+    lines = []
+    envs = [{**ARITH, "max_tokens": 2}]
+    cfg = _config(tmp_path, envs=envs, truncation_penalty=0.0, steps=1, eval_tasks=2)
+    RLTrainer(cfg, model=_model(), log_fn=lines.append).train()
+    warnings = [line for line in lines if "no group has reward spread" in line]
+    assert warnings and warnings[0].startswith("warning: step 1:")
+    assert lines[-1] == "warning: 1 of 1 steps had no reward spread in any group"

@@ -156,3 +156,41 @@ def test_sft_run_lowers_assistant_loss_and_resumes(tmp_path, tok):
     assert again["steps"] == 33
     reloaded = load_model(again["checkpoint"])
     assert reloaded.config.vocab_size == 512
+
+
+def test_sft_command_warns_up_front_and_draws_curves(tmp_path, tok, capsys):
+    """Conversations that do not fit are announced before training; the run ends with a readable
+    summary and curves.png; a bad --init is one line."""
+    import argparse
+
+    from openk2.train import sft as sft_cli
+
+    torch.manual_seed(0)
+    init = tmp_path / "init"
+    save_model(Transformer(ModelConfig.from_preset("tiny")), init)
+    tok.save_pretrained(init)
+    data = tmp_path / "chat.jsonl"
+    convs = [dict(conversation(c), tools=None) for c in ["Oslo", "Lima", "Pune", "Seoul"]]
+    convs.append(
+        {"messages": [{"role": "user", "content": "x" * 400}, {"role": "assistant", "content": "y"}]}
+    )
+    data.write_text("".join(json.dumps(c) + "\n" for c in convs))
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        parser = argparse.ArgumentParser()
+        sft_cli.add_arguments(parser)
+        capsys.readouterr()
+        code = sft_cli.run(parser.parse_args([str(data), *argv]))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    out_dir = str(tmp_path / "run")
+    common = ["--out-dir", out_dir, "--steps", "2", "--batch-size", "2", "--seq-len", "256",
+              "--device", "cpu", "--val-fraction", "0", "--no-progress"]  # fmt: skip
+    code, out, err = run("--init", str(init), *common)
+    assert code == 0, err
+    assert "warning: 1 of 5 conversations are longer than --seq-len 256" in err
+    assert out.splitlines()[-3].startswith("fine-tuned 2 steps") and "1 left out as too long" in out
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    code, out, err = run("--init", str(tmp_path / "nowhere"), *common)
+    assert code == 2 and err.count("\n") == 1 and "neither a checkpoint" in err

@@ -57,6 +57,6 @@ def test_rephrase_and_trajectories_against_openk2_serve(server, tmp_path):
     _synth("tools", "--no-synthetic", "--out", str(tools), "--workspace", str(tmp_path))
     out = _synth("trajectories", "--tools", str(tools), "--out", str(tmp_path / "t.jsonl"),
                  "--base-url", server, "--agents", "1", "--tasks-per-agent", "2", "--max-steps", "2",
-                 "--agent-max-tokens", "128", "--concurrency", "2", "--workspace", str(tmp_path))  # fmt: skip
+                 "--agent-max-tokens", "128", "--concurrency", "2")  # fmt: skip
     assert "trajectories: accepted / rejected" in out.stdout
     assert "trajectories: 2 items:" in out.stdout and " 0 failed" in out.stdout

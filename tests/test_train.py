@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +224,138 @@ def test_memory_options_keep_gradients():
     q, scale, n = quantize_fp8(x)
     assert q.dtype == torch.float8_e4m3fn and q.shape == (3, 3, 128) and scale.shape == (3, 3, 1)
     assert ((dequantize_fp8(q, scale, n, torch.float32) - x).abs() <= 0.07 * x.abs().amax(-1, True)).all()
+
+
+# ---------------------------------------------------------------------------------------- run lifecycle
+def test_runs_never_mix(corpus, tmp_path, capsys):
+    """--no-resume on a run refuses (nothing changed) unless --overwrite, which moves the old run
+    aside; a finished run says so; a different model is refused; changed settings warn."""
+    from openk2.train.run import RunError
+
+    run = tmp_path / "run"
+    pretrain(tiny_cfg(corpus, run, steps=2, save_every=1))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(RunError, match="already holds a run.*--overwrite"):
+        pretrain(tiny_cfg(corpus, run, steps=2), resume=False)
+    with pytest.raises(RunError, match=r"already at step 2/2; use --steps larger or --no-resume"):
+        pretrain(tiny_cfg(corpus, run, steps=2))
+    bigger = tmp_path / "bigger.json"
+    config = ModelConfig.from_preset("tiny").to_hf_dict()
+    bigger.write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(RunError, match="different model \\(intermediate_size 128 there, 96 here\\)"):
+        pretrain(tiny_cfg(corpus, run, steps=3, model_config=str(bigger)))
+    with pytest.raises(RunError, match="is a file"):
+        pretrain(tiny_cfg(corpus, run / "metrics.jsonl", steps=3))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing changed
+
+    capsys.readouterr()
+    out = pretrain(tiny_cfg(corpus, run, steps=3, lr=0.02))  # extends the run, and says what differs
+    err = capsys.readouterr().err
+    assert out["steps"] == 3 and "lr 0.01 -> 0.02" in err and "steps 2 -> 3" in err
+    run_id = load_trainer_state(latest_checkpoint(run))["run_id"]
+
+    pretrain(tiny_cfg(corpus, run, steps=1), resume=False, overwrite=True)
+    (aside,) = tmp_path.glob("run.old-*")
+    assert load_trainer_state(latest_checkpoint(aside))["run_id"] == run_id  # the old run, whole
+    assert [p.name for p in list_checkpoints(run)] == ["step-0000001"]
+    assert load_trainer_state(latest_checkpoint(run))["run_id"] != run_id
+    assert [m["step"] for m in read_metrics(run) if m.get("kind") == "train"] == [1]
+
+
+def test_model_config_file_and_default_out_dir(corpus, tmp_path, monkeypatch, capsys):
+    """`--model-config` takes an HF config.json (here a DeepSeek-V3-typed one); the default run
+    directory is runs/<preset or config name>; the start-up summary and log lines are printed."""
+    assert TrainConfig(preset="tiny").validate().out_dir == "runs/tiny"
+    config = {**ModelConfig.from_preset("tiny").to_hf_dict(), "model_type": "deepseek_v3"}
+    (tmp_path / "my_v3.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_cfg(corpus, "x", steps=2, model_config="my_v3.json", log_every=1)
+    cfg.out_dir = None
+    assert cfg.validate().out_dir == "runs/my_v3"
+    flags = ["--corpus", corpus, "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--threads", "1",
+             "--log-every", "1", "--no-progress", "--no-tensorboard", "--no-sample"]  # fmt: skip
+    code, out, err = train_cli(["--model-config", "my_v3.json", *flags], capsys)
+    assert code == 0, err
+    assert "parameters" in out and "activated per token" in out and "Newton-Schulz in" in out
+    assert "output runs/my_v3 (new run" in out
+    assert "step 1/2  loss " in out and "tok/s" in out and "ETA" in out
+    saved = json.loads((tmp_path / "runs/my_v3/checkpoints/step-0000002/config.json").read_text())
+    assert saved["model_type"] == "deepseek_v3"
+    (tmp_path / "bad.json").write_text(json.dumps({**config, "hidden_size": "wide"}))
+    code, out, err = train_cli(["--model-config", "bad.json", *flags], capsys)
+    assert code == 2 and err.count("\n") == 1 and "key 'hidden_size' expects int, got 'wide'" in err, err
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def train_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`openk2 train ARGV` in this process: (exit code, stdout, stderr)."""
+    import argparse
+
+    from openk2.train import cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    capsys.readouterr()
+    code = cli.run(parser.parse_args(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_invalid_utf8_corpus_warns_or_refuses(tmp_path):
+    from openk2.train.data import check_utf8
+
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("caf\u00e9 na\u00efve ".encode("latin-1") * 50)
+    assert "100 bytes of invalid UTF-8 in 1 file(s)" in check_utf8(str(path))
+    with pytest.raises(ValueError, match="refused by --strict-utf8"):
+        check_utf8(str(path), strict=True)
+    path.write_text("caf\u00e9 " * 50)
+    assert check_utf8(str(path)) is None
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_is_bit_exact(corpus, tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint is written, the command exits 143 with one
+    line; resuming gives the uninterrupted run's losses and weights exactly."""
+    full = tmp_path / "full"
+    pretrain(tiny_cfg(corpus, full, steps=40, save_every=1000, eval_every=1000))
+    run = tmp_path / "term"
+    flags = "--steps 40 --batch-size 2 --seq-len 32 --grad-accum 2 --lr 0.01 --warmup-steps 2 "
+    flags += "--eval-every 1000 --eval-batches 1 --save-every 1000 --keep-checkpoints 10 --threads 1 "
+    flags += "--no-progress --no-tensorboard --no-sample"
+    args = [sys.executable, "-m", "openk2.cli", "train", "--preset", "tiny", "--corpus", corpus, "--out-dir",
+            str(run), *flags.split()]  # fmt: skip
+    proc = subprocess.Popen(args, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and len(train_losses(run) if (run / "metrics.jsonl").exists() else {}) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and "SIGTERM: stopped at step" in err
+    (ckpt,) = list_checkpoints(run)
+    stopped = load_trainer_state(ckpt)["step"]
+    assert 3 <= stopped < 40 and not list((run / "checkpoints").glob(".tmp-*"))
+    pretrain(tiny_cfg(corpus, run, steps=40, save_every=1000, eval_every=1000))
+    assert train_losses(full) == train_losses(run)
+    wa = load_model(latest_checkpoint(full), dtype=torch.float32).state_dict()
+    wb = load_model(latest_checkpoint(run), dtype=torch.float32).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_jsonl_corpus_streams_from_shards_and_resumes_bit_exact(corpus, tmp_path):
+    """A JSONL corpus goes through memory-mapped token shards; a run stopped at step 3 and resumed
+    continues at the exact token: the same losses as an uninterrupted run."""
+    docs = Path(corpus).read_text().split("\n\n")
+    data = tmp_path / "jsonl"
+    data.mkdir()
+    with open(data / "part-0.jsonl", "w") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}) + "\n")
+    full = pretrain(tiny_cfg(str(data), tmp_path / "full"))
+    assert full["steps"] == 6
+    assert any((tmp_path / "cache" / "shards").rglob("shard-00000.bin"))
+    pretrain(tiny_cfg(str(data), tmp_path / "split", stop_at=3))
+    pretrain(tiny_cfg(str(data), tmp_path / "split"))
+    assert train_losses(tmp_path / "full") == train_losses(tmp_path / "split")

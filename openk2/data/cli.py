@@ -70,9 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no model at all: oracle agent on template tasks, template user and tool simulators, rule judge",
     )
-    p.add_argument(
-        "--workspace", help="ignored: every episode runs its real tools in a fresh workspace of its own"
-    )
     p.add_argument("--error-rate", type=float, default=0.1)
     p.add_argument("--partial-rate", type=float, default=0.05)
     p.add_argument("--edge-rate", type=float, default=0.05)

@@ -30,8 +30,10 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
         raise DeviceError(f"unknown device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise DeviceError(f"--device {name}: {build} (torch {torch.__version__}); use --device cpu")
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise DeviceError(
+                f"--device {name}: CUDA is not available ({why}; torch {torch.__version__}); use --device cpu"
+            )
         count = torch.cuda.device_count()
         index = device.index if device.index is not None else (local_rank or 0)
         if index >= count:

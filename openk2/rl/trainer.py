@@ -12,6 +12,12 @@ One iteration:
      training forward. The gap is logged (`engine_logprob_gap`) as a sync health check;
   4. `updates_per_step` MuonClip steps on loss = K1.5 + ptx_weight * PTX (+ critic refresh);
   5. copy the weights into the engine (`Engine.load_weights`, timed), evaluate now and then, log.
+
+`RLTrainer.train` runs these iterations on the one run driver (`openk2.train.run.Run`): the run
+directory and its refusals, metrics.jsonl, SIGINT/SIGTERM, and checkpoints with the model, the
+tokenizer and the trainer state, so a run directory loads in `openk2 sample/serve/eval` and resumes.
+A resume restores weights, optimizer, RNGs and the task and rollout counters; partial rollouts in
+flight (`step_tokens`) are not saved, so such a run restarts them.
 """
 
 from __future__ import annotations
@@ -20,13 +26,13 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from openk2.checkpoint import load_model, save_model
-from openk2.config import ModelConfig
+from openk2.checkpoint import load_model
+from openk2.config import PRESETS, ModelConfig
 from openk2.model.transformer import Transformer
 from openk2.optim.muon import MuonClip
 from openk2.rl.critique import CritiqueConfig, SelfCritic, question_text
@@ -38,6 +44,7 @@ from openk2.serve.engine import Engine
 from openk2.serve.sampling import SamplingParams
 from openk2.tokenizer import K2Tokenizer
 from openk2.tokenizer.chat import encode_chat
+from openk2.train.config import ConfigError, RunOptions, check_tokenizer_name, from_mapping, read_config_file
 
 
 @dataclass
@@ -49,13 +56,21 @@ class EnvSpec:
     reward: str = "verifier"  # "verifier" or "critique" (self-critique rubric reward)
 
 
-@dataclass
-class RLConfig:
+@dataclass(kw_only=True)
+class RLConfig(RunOptions):
+    """`openk2 rl`: the shared run options (out_dir, steps, seed, cadences) with RL's defaults, plus
+    the environments, the rollout and the K1.5 loss. The optimizer is MuonClip (lr for the Muon part,
+    adamw_lr for the rest)."""
+
     envs: list[EnvSpec]
-    model: str = "tiny"  # a preset name or a checkpoint directory (HF layout)
+    model: str = "tiny"  # a preset name, or a checkpoint or run directory
     model_overrides: dict = field(default_factory=dict)  # ModelConfig fields, for presets
-    tokenizer: str = "byte"  # "byte" (vocab 512), "default" (vocab 8192) or a tokenizer directory
+    tokenizer: str = "byte"  # a tokenizer name (byte, default, ...) or directory; a checkpoint brings its own
+    out_dir: str | None = "runs/rl"
     steps: int = 50
+    eval_every: int = 10
+    log_every: int = 1
+    progress: bool = False  # RL prints a line per step instead
     prompts_per_step: int = 8
     samples_per_prompt: int = 8  # K
     tau: float = 0.1
@@ -76,60 +91,45 @@ class RLConfig:
     critic_weight: float = 1.0  # weight of the critic-refresh loss
     critic_lr: float = 0.002  # for a separate critic checkpoint
     system_prompt: str | None = ""  # None: the chat template's default system message
-    eval_every: int = 10
     eval_tasks: int = 100  # held-out tasks per environment
     eval_temperature: float = 0.0
     eval_samples: int = 1  # samples per held-out task (> 1 with a temperature > 0)
     engine_batch: int = 128
-    seed: int = 0
-    out_dir: str = "runs/rl"
-    save_checkpoint: bool = False
 
     @classmethod
-    def from_dict(cls, d: dict) -> RLConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown RL config keys: {sorted(unknown)}")
+    def from_dict(cls, d: dict, where: str = "RL config") -> RLConfig:
+        """The config from a dict (a parsed file); `where` names it in error messages."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a table of keys, got {type(d).__name__}")
         if not d.get("envs"):
-            raise ValueError("an RL config needs a non-empty `envs` list")
-        envs = []
-        for e in d["envs"]:
-            bad = set(e) - {f.name for f in fields(EnvSpec)}
-            if bad:
-                raise ValueError(f"unknown keys in env spec {e.get('name')!r}: {sorted(bad)}")
-            envs.append(EnvSpec(**e))
-        return cls(**{**d, "envs": envs}).validate()
+            raise ConfigError(f"{where}: an RL config needs a non-empty `envs` list")
+        if not isinstance(d["envs"], list):
+            raise ConfigError(f"{where}: key 'envs' expects a list of tables, got {d['envs']!r}")
+        envs = [from_mapping(EnvSpec, e, f"{where} envs[{i}]") for i, e in enumerate(d["envs"])]
+        return from_mapping(cls, {**d, "envs": envs}, where).validate()
 
     @classmethod
     def load(cls, path: str | Path) -> RLConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"RL config {path} does not exist")
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(path.read_text())
-        elif path.suffix == ".json":
-            data = json.loads(path.read_text())
-        else:
-            raise ValueError(f"RL config must be .json or .toml, got {path.name}")
-        return cls.from_dict(data)
+        return cls.from_dict(read_config_file(path, "RL config"), f"RL config {path}")
 
     def validate(self) -> RLConfig:
+        self.validate_run()
         for e in self.envs:
             if e.reward not in ("verifier", "critique"):
-                raise ValueError(f"env {e.name}: reward must be 'verifier' or 'critique', got {e.reward!r}")
+                raise ConfigError(f"env {e.name}: reward must be 'verifier' or 'critique', got {e.reward!r}")
             if e.max_tokens < 1 or e.weight <= 0:
-                raise ValueError(f"env {e.name}: max_tokens must be >= 1 and weight > 0")
-        if self.steps < 1 or self.prompts_per_step < 1 or self.updates_per_step < 1:
-            raise ValueError("steps, prompts_per_step and updates_per_step must be >= 1")
+                raise ConfigError(f"env {e.name}: max_tokens must be >= 1 and weight > 0")
+        if self.prompts_per_step < 1 or self.updates_per_step < 1:
+            raise ConfigError("prompts_per_step and updates_per_step must be >= 1")
         if self.samples_per_prompt < 2:
-            raise ValueError("samples_per_prompt (K) must be >= 2: the advantage is relative to the group")
+            raise ConfigError("samples_per_prompt (K) must be >= 2: the advantage is relative to the group")
         if self.ptx_weight > 0 and not self.ptx_data:
-            raise ValueError("ptx_weight > 0 needs ptx_data (a JSONL file of chat examples)")
-        if self.tokenizer not in ("byte", "default") and not Path(self.tokenizer).is_dir():
-            raise ValueError(f"tokenizer must be 'byte', 'default' or a directory, got {self.tokenizer!r}")
+            raise ConfigError("ptx_weight > 0 needs ptx_data (a JSONL file of chat examples)")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.device not in ("auto", "cpu"):
+            raise ConfigError(f"RL runs on the CPU for now; device {self.device!r}")
+        check_tokenizer_name(self.tokenizer)
         return self
 
     def temperature_schedule(self) -> TemperatureSchedule:
@@ -141,15 +141,23 @@ class RLConfig:
         )
 
 
-def build_model(name: str, overrides: dict) -> Transformer:
-    if Path(name).is_dir():
-        return load_model(name, dtype=torch.float32)
-    config = ModelConfig.from_preset(name)
-    for k, v in overrides.items():
-        if not hasattr(config, k):
-            raise ValueError(f"unknown ModelConfig field in model_overrides: {k!r}")
-        setattr(config, k, v)
-    return Transformer(config)
+def build_model(name: str, overrides: dict) -> tuple[Transformer, Path | None]:
+    """(model, its checkpoint or None): a preset (with `overrides`), or a checkpoint / run directory."""
+    if name in PRESETS:
+        config = ModelConfig.from_preset(name)
+        for k, v in overrides.items():
+            if not hasattr(config, k):
+                raise ConfigError(f"unknown ModelConfig field in model_overrides: {k!r}")
+            setattr(config, k, v)
+        return Transformer(config), None
+    from openk2.checkpoint import resolve_checkpoint
+
+    if not Path(name).exists():
+        raise FileNotFoundError(
+            f"model {name!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint or run directory"
+        )
+    ckpt = resolve_checkpoint(name)
+    return load_model(ckpt, dtype=torch.float32), ckpt
 
 
 def load_chat_jsonl(path: str | Path, tokenizer) -> list[tuple[list[int], list[bool]]]:
@@ -225,8 +233,19 @@ class RLTrainer:
         self.config = c = config.validate()
         torch.manual_seed(c.seed)
         self.rng = random.Random(c.seed)
-        self.tokenizer = tokenizer or K2Tokenizer.load(c.tokenizer)
-        self.model = model if model is not None else build_model(c.model, c.model_overrides)
+        checkpoint = None
+        if model is None:
+            model, checkpoint = build_model(c.model, c.model_overrides)
+        self.model = model
+        if tokenizer is None and checkpoint is not None:
+            from openk2.checkpoint import load_tokenizer
+
+            tokenizer = load_tokenizer(checkpoint, model.config.vocab_size)
+        if tokenizer is None:
+            from openk2.train.loop import tokenizer_by_name
+
+            tokenizer = tokenizer_by_name(c.tokenizer, model.config.vocab_size)
+        self.tokenizer = tokenizer
         self.model.train()
         # The engine serves its own copy of the weights, as a colocated inference engine does;
         # `sync` copies the trainer's weights into it after every step.
@@ -242,7 +261,14 @@ class RLTrainer:
         self.optimizer = MuonClip(
             self.model, lr=c.lr, weight_decay=c.weight_decay, adamw_lr=c.adamw_lr, qk_clip_tau=100.0
         )
-        self.envs = {e.name: make_env(e.name, **e.kwargs) for e in c.envs}
+        self.envs = {}
+        for e in c.envs:
+            try:
+                self.envs[e.name] = make_env(e.name, **e.kwargs)
+            except KeyError as err:
+                raise ConfigError(err.args[0]) from None
+            except TypeError as err:
+                raise ConfigError(f"env {e.name}: bad kwargs {e.kwargs} ({err})") from None
         self.specs = {e.name: e for e in c.envs}
         self.worker = RolloutWorker(
             self.engine,
@@ -270,6 +296,9 @@ class RLTrainer:
         self._task_seed = 0
         self.log_fn = log_fn
         self.history: list[dict] = []
+        self._flat_steps = 0  # steps in which no group had reward spread
+        self.checkpoint: Path | None = None  # the last checkpoint `train` wrote
+        self.interrupted: str | None = None  # the signal that stopped `train`, if one did
 
     # ------------------------------------------------------------------ pieces
     def sync(self) -> float:
@@ -406,32 +435,124 @@ class RLTrainer:
         out["eval/reward"] = sum(v for k, v in out.items() if k.endswith("/reward")) / len(self.eval_sets)
         return out
 
-    def train(self) -> list[dict]:
-        c = self.config
-        out = Path(c.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(c), indent=2))
-        log = (out / "log.jsonl").open("w")
-        first = {"step": 0, **self.evaluate(seed=c.seed)}
-        self._log(first, log)
-        for it in range(1, c.steps + 1):
-            rec = self.step(it)
-            if it % c.eval_every == 0 or it == c.steps:
-                rec.update(self.evaluate(seed=c.seed))
-            self._log(rec, log)
-        log.close()
-        plot_history(self.history, out / "rl.png")
-        if c.save_checkpoint:
-            save_model(self.model, out / "checkpoint")
-        return self.history
+    # ------------------------------------------------------------------ the run
+    def state_dict(self) -> dict:
+        """What a resume needs besides the weights (partial rollouts in flight are not kept)."""
+        from openk2.checkpoint.store import rng_state
 
-    def _log(self, rec: dict, fh) -> None:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "task_rng": self.rng.getstate(),
+            "task_seed": self._task_seed,
+            "rollout_iteration": self.worker.iteration,
+        }
+        if self.critic_optimizer is not None:
+            state["critic_optimizer"] = self.critic_optimizer.state_dict()
+        return state
+
+    def load(self, checkpoint: Path, state: dict) -> None:
+        from openk2.checkpoint.hf import load_weights_
+        from openk2.checkpoint.store import set_rng_state
+
+        load_weights_(self.model, checkpoint)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.critic_optimizer is not None and "critic_optimizer" in state:
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.rng.setstate(state["task_rng"])
+        self._task_seed, self.worker.iteration = state["task_seed"], state["rollout_iteration"]
+        set_rng_state(state["rng"])
+        self.sync()
+
+    def train(self, resume: bool = True, overwrite: bool = False) -> list[dict]:
+        """The run: `steps` iterations on the run driver, a held-out evaluation first (fresh runs) and
+        every `eval_every`, checkpoints every `save_every` and at the end, rl.png. Returns the step
+        records (step 0: the first evaluation)."""
+        from openk2.train.logging import read_metrics
+        from openk2.train.run import Run
+
+        c = self.config
+        if c.threads:
+            torch.set_num_threads(c.threads)
+        run = Run(
+            c, job="rl", config=asdict(c), model_config=self.model.config, resume=resume, overwrite=overwrite
+        )
+        state = run.open()
+        step = 0
+        if state is not None:
+            self.load(run.checkpoint, state)
+            step = state["step"]
+            self._print(f"resuming {run.checkpoint} at step {step}")
+        else:
+            run.log({"kind": "config", "config": asdict(c), "model": self.model.config.to_hf_dict(),
+                     "run_id": run.run_id})  # fmt: skip
+            first = {"kind": "rl", "step": 0, **self.evaluate(seed=c.seed)}
+            run.log(first)
+            self._record(first)
+
+        def one_step() -> dict:
+            nonlocal step
+            step += 1
+            rec = {"kind": "rl", **self.step(step)}
+            self._warn_without_signal(rec)
+            return rec
+
+        def save() -> Path:
+            state = {"step": step, **self.state_dict()}
+            return run.save(step, self.model, self.tokenizer, state)
+
+        result = run.loop(
+            one_step,
+            start_step=step,
+            last_step=c.steps,
+            save_fn=save,
+            eval_fn=lambda s: self.evaluate(seed=c.seed),
+            console=_RLConsole(self),
+            desc="rl",
+        )
+        self.checkpoint, self.interrupted = result.last_saved, result.interrupted
+        by_step = {m["step"]: m for m in read_metrics(run.dir) if m.get("kind") == "rl"}
+        history = [by_step[k] for k in sorted(by_step)]
+        plot_history(history, run.dir / "rl.png")
+        if self._flat_steps:
+            self._print(
+                f"warning: {self._flat_steps} of {len(history) - 1} steps had no reward spread in any group"
+            )
+        return history if state is not None else self.history
+
+    def _warn_without_signal(self, rec: dict) -> None:
+        """Say so when no group has reward spread: the K1.5 loss then has no signal (first time, then
+        every 10th such step)."""
+        if rec.get("groups") and rec.get("signal_groups") == 0:
+            self._flat_steps += 1
+            if self._flat_steps % 10 == 1:
+                reward = rec.get("reward")
+                self._print(
+                    f"warning: step {rec['step']}: no group has reward spread (all samples of each prompt "
+                    f"scored {reward:.3g}), so no RL update; the policy may be too weak or too strong for "
+                    "the task (start from an SFT checkpoint, raise max_tokens or samples_per_prompt)"
+                )
+
+    def _print(self, message: str) -> None:
+        if self.log_fn is not None:
+            self.log_fn(message)
+
+    def _record(self, rec: dict) -> None:
         self.history.append(rec)
-        fh.write(json.dumps(rec) + "\n")
-        fh.flush()
         if self.log_fn is not None:
             keys = ("step", "temperature", "reward", "length", "truncation", "drift", "eval/reward", "sync_s")
             self.log_fn(" ".join(f"{k}={_fmt(rec[k])}" for k in keys if k in rec))
+
+
+class _RLConsole:
+    """The run loop's console hook for RL: one line per step through the trainer's log_fn."""
+
+    def __init__(self, trainer: RLTrainer):
+        self.trainer = trainer
+
+    def update(self, record: dict, eval_record: dict | None = None) -> None:
+        self.trainer._record(record)
+        return None
 
 
 def build_model_like(model: Transformer) -> Transformer:

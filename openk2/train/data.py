@@ -56,6 +56,31 @@ def _cache_key(corpus: str, tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+def check_utf8(corpus: str, strict: bool = False) -> str | None:
+    """Scan the corpus files for bytes that are not valid UTF-8 (they would be read as U+FFFD).
+    Returns None when there are none, else a one-line description with the count; with `strict`,
+    raises ValueError instead."""
+    bad_bytes, bad_files, first = 0, 0, None
+    for path in corpus_files(corpus):
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+            continue
+        except UnicodeDecodeError:
+            pass
+        bad = len(data) - len(data.decode("utf-8", errors="ignore").encode("utf-8"))
+        bad_bytes, bad_files, first = bad_bytes + bad, bad_files + 1, first or path
+    if not bad_bytes:
+        return None
+    message = (
+        f"corpus {corpus}: {bad_bytes:,} bytes of invalid UTF-8 in {bad_files} file(s) (first: {first}), "
+        "read as U+FFFD"
+    )
+    if strict:
+        raise ValueError(message.replace("read as U+FFFD", "refused by --strict-utf8"))
+    return message + "; --strict-utf8 makes this an error"
+
+
 def tokenize_corpus(
     corpus: str, tokenizer, cache_dir: str | os.PathLike | None = None, max_chars: int | None = None
 ) -> np.ndarray:

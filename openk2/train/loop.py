@@ -1,4 +1,4 @@
-"""The training loop, reusable by pre-training and SFT.
+"""The optimizer step of pre-training and SFT, and the pre-training run.
 
 Pieces, each usable on its own:
 
@@ -10,40 +10,39 @@ Pieces, each usable on its own:
   QK-Clip from the max logits of all the step's micro-batches, then the routing-bias update from the
   step's expert counts.
 * `Trainer.evaluate(batches)`, `Trainer.state_dict()` / `load_state_dict()` for checkpoints.
-* `pretrain(cfg)`: the whole pre-training run behind `openk2 train`. Under torchrun (or with a
-  parallel layout in `cfg.parallel`) it hands over to `openk2.distributed.train.pretrain_distributed`,
-  which runs the same steps on a pp x dp x ep mesh and writes the same checkpoints.
+* `StepTrainer`: what `Trainer` shares with the torchrun `DistributedTrainer` (aux-loss override,
+  counters, the schedule's learning rate).
+* `pretrain(cfg)`: the whole pre-training run behind `openk2 train`: the model (a preset or any HF
+  config.json), the data, and `drive_pretraining`, which runs either trainer on the one run driver
+  (`openk2.train.run.Run`: run directory, resume, logs, signals). Under torchrun (or with a parallel
+  layout in `cfg.parallel`) the trainer is `openk2.train.distributed.DistributedTrainer` on a
+  pp x dp x ep mesh, which writes the same checkpoints.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from openk2.distributed.mesh import ParallelConfig
 from openk2.optim import MuonClip, load_imbalance, update_routing_bias_
 from openk2.optim.muon import split_parameters
-from openk2.train.data import Batch
-from openk2.train.memory import MemoryOptions, activation_context, apply_memory_options
+from openk2.train.config import NS_DTYPES, OPTIMIZERS, OptimizerOptions, TrainConfig
+from openk2.train.data import Batch, segment_ids_from_eos
+from openk2.train.memory import activation_context, apply_memory_options
+from openk2.train.run import Run, TrainingDiverged
 from openk2.train.schedule import Schedule
+from openk2.train.shards import is_streamed_corpus
 
-OPTIMIZERS = ("muonclip", "muon", "adamw")
-# Newton-Schulz precision: auto = bf16 as K2 where the hardware has bf16 units, else float32
-# (optim.muon.resolve_ns_dtype); float32 for exact comparisons
-NS_DTYPES = ("auto", "bfloat16", "float32")
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN/inf; the update was not applied."""
+__all__ = ["NS_DTYPES", "OPTIMIZERS", "TrainConfig", "Trainer", "TrainingDiverged", "pretrain"]
 
 
 def check_finite(step: int, loss: float, grad_norm: float) -> None:
@@ -96,66 +95,7 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tens
     return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-@dataclass
-class TrainConfig:
-    # what to train, on what
-    preset: str = "small"
-    corpus: str = "shakespeare"
-    tokenizer: str = "auto"  # auto (by the preset's vocab size), default, byte-level, or a directory
-    out_dir: str = "runs/small"
-    # how long and how big
-    steps: int = 200
-    batch_size: int = 16
-    seq_len: int = 128
-    grad_accum: int = 1
-    # optimizer
-    optimizer: str = "muonclip"
-    lr: float = 1e-2
-    weight_decay: float = 0.1
-    momentum: float = 0.95
-    qk_clip_tau: float = 100.0
-    grad_clip: float = 1.0
-    ns_dtype: str = "auto"
-    bias_update_rate: float = 1e-3
-    aux_loss_alpha: float | None = None  # None: the model config's
-    # schedule
-    schedule: str = "wsd"
-    warmup_steps: int = 20
-    decay_fraction: float = 0.2
-    min_lr_ratio: float = 0.1
-    # evaluation, checkpoints, data
-    eval_every: int = 50
-    eval_batches: int = 4
-    save_every: int = 100
-    keep_checkpoints: int = 2
-    val_fraction: float = 0.02
-    document_mask: bool = False
-    max_chars: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    memory: MemoryOptions = field(default_factory=MemoryOptions)
-    stop_at: int | None = None  # stop (as if killed) after this step, keeping the schedule of `steps`
-    progress: bool = True
-    tensorboard: bool = True
-    # layout under torchrun; dp=0: world size / (pp * ep)
-    parallel: ParallelConfig = field(default_factory=lambda: ParallelConfig(dp=0))
-
-    def validate(self) -> TrainConfig:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.ns_dtype not in NS_DTYPES:
-            raise ValueError(f"unknown ns_dtype {self.ns_dtype!r}; choose one of {', '.join(NS_DTYPES)}")
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        Schedule(self.schedule, self.steps, min(self.warmup_steps, self.steps), self.decay_fraction)
-        return self
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimizerOptions) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         split = split_parameters(model)
         params = [p for _, p in split.muon + split.adamw]
@@ -169,13 +109,56 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """The run's device (`openk2.distributed.device.resolve_device`: auto, cpu, cuda, cuda:N)."""
+    from openk2.distributed.device import resolve_device
+
+    return resolve_device(name)
 
 
-class Trainer:
-    """Owns model, optimizer and schedule; counts steps and tokens."""
+class StepTrainer:
+    """What every optimizer-step trainer shares (this module's `Trainer`, one process, and
+    `openk2.train.distributed.DistributedTrainer`, on a mesh): the config's aux-loss override, the
+    step and token counters, the schedule's learning rate at the start of each step, and the
+    counters' part of the trainer state."""
+
+    optimizer: torch.optim.Optimizer
+
+    def __init__(self, model: nn.Module, schedule: Schedule, cfg: TrainConfig):
+        self.schedule, self.cfg = schedule, cfg
+        self.step = 0
+        self.tokens = 0
+        if cfg.aux_loss_alpha is not None:
+            for m in model.modules():
+                if hasattr(m, "aux_loss_alpha"):
+                    m.aux_loss_alpha = cfg.aux_loss_alpha
+
+    def begin_step(self) -> float:
+        """Set this step's learning rates and clear the gradients; returns the schedule's factor."""
+        scale = self.schedule(self.step)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * scale
+        self.optimizer.zero_grad(set_to_none=True)
+        return scale
+
+    def end_step(self, step_tokens: int, scale: float, t0: float, **metrics) -> dict:
+        """Count the finished step and its tokens; return its record (`train_record`), given the
+        step's loss, aux_loss, grad_norm, max_logit, heads_clipped and imbalance."""
+        self.step += 1
+        self.tokens += step_tokens
+        return train_record(step=self.step, tokens=self.tokens, lr=self.base_lrs[0] * scale,
+                            step_tokens=step_tokens, seconds=time.perf_counter() - t0, **metrics)  # fmt: skip
+
+    def counters(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "schedule": asdict(self.schedule),
+                "base_lrs": self.base_lrs}  # fmt: skip
+
+    def load_counters(self, state: dict) -> None:
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.base_lrs = list(state["base_lrs"])
+
+
+class Trainer(StepTrainer):
+    """One process: owns model, optimizer and schedule; counts steps and tokens."""
 
     def __init__(
         self,
@@ -185,16 +168,11 @@ class Trainer:
         cfg: TrainConfig,
         device: torch.device | None = None,
     ):
-        self.model, self.optimizer, self.schedule, self.cfg = model, optimizer, schedule, cfg
+        super().__init__(model, schedule, cfg)
+        self.model, self.optimizer = model, optimizer
         self.device = device or next(model.parameters()).device
         self.base_lrs = [g["lr"] for g in optimizer.param_groups]
-        self.step = 0
-        self.tokens = 0
         self.model.record_stats(True)  # max logits (QK-Clip, logs) and the sequence aux loss
-        if cfg.aux_loss_alpha is not None:
-            for m in model.modules():
-                if hasattr(m, "aux_loss_alpha"):
-                    m.aux_loss_alpha = cfg.aux_loss_alpha
         apply_memory_options(model, cfg.memory)
 
     def autocast(self):
@@ -207,10 +185,7 @@ class Trainer:
         non-finite loss or gradient norm."""
         t0 = time.perf_counter()
         self.model.train()
-        scale = self.schedule(self.step)
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
-            g["lr"] = base * scale
-        self.optimizer.zero_grad(set_to_none=True)
+        scale = self.begin_step()
         n = len(micro_batches)
         loss_sum, aux_sum, tokens = 0.0, 0.0, 0
         max_logits: dict[int, torch.Tensor] = {}
@@ -241,20 +216,16 @@ class Trainer:
         for layer in max_logits:  # consumed above; do not leave stale numbers on the modules
             self.model.layers[str(layer)].self_attn.max_logits = None
         update_routing_bias_(self.model, counts, self.cfg.bias_update_rate)
-        self.step += 1
-        self.tokens += tokens
-        return train_record(
-            step=self.step,
-            tokens=self.tokens,
+        return self.end_step(
+            tokens,
+            scale,
+            t0,
             loss=loss_value,
             aux_loss=aux_sum / n,
-            lr=self.base_lrs[0] * scale,
             grad_norm=grad_norm,
             max_logit=max(float(m.max()) for m in max_logits.values()) if max_logits else float("nan"),
             heads_clipped=clipped,
             imbalance=load_imbalance(counts),
-            step_tokens=tokens,
-            seconds=time.perf_counter() - t0,
         )
 
     @torch.no_grad()
@@ -276,34 +247,26 @@ class Trainer:
         return total / max(count, 1)
 
     def state_dict(self) -> dict:
-        return {
-            "step": self.step,
-            "tokens": self.tokens,
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": asdict(self.schedule),
-            "base_lrs": self.base_lrs,
-        }
+        return {**self.counters(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step, self.tokens = state["step"], state["tokens"]
+        self.load_counters(state)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.base_lrs = list(state["base_lrs"])
+
+    def load(self, checkpoint: Path, state: dict) -> None:
+        """Resume from a run checkpoint: its weights (routing biases included) and trainer state."""
+        from openk2.checkpoint.hf import load_weights_
+
+        load_weights_(self.model, checkpoint)
+        self.load_state_dict(state)
+
+    def save(self, run: Run, tokenizer, extra: dict) -> Path:
+        """Write the run's checkpoint for the current step."""
+        return run.save(self.step, self.model, tokenizer, {**self.state_dict(), **extra})
 
 
-def _config_dict(cfg: TrainConfig) -> dict:
-    d = asdict(cfg)
-    d["memory"] = asdict(cfg.memory)
-    return d
-
-
-def train_config_from_dict(d: dict) -> TrainConfig:
-    d = dict(d)
-    d["memory"] = MemoryOptions(**d.get("memory", {}))
-    d["parallel"] = ParallelConfig(**d.get("parallel", {"dp": 0}))
-    return TrainConfig(**d)
-
-
-def load_tokenizer(name: str, vocab_size: int):
+def tokenizer_by_name(name: str, vocab_size: int):
+    """The run's tokenizer by name ("auto": byte-level for vocabularies up to 512, else default)."""
     from openk2.tokenizer.tokenizer import K2Tokenizer
 
     if name == "auto":
@@ -320,12 +283,24 @@ def is_distributed(cfg: TrainConfig) -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or p.pp * max(p.dp, 1) * p.ep * p.virtual_stages > 1
 
 
+def check_corpus(cfg: TrainConfig, warn: bool = True) -> None:
+    """Before anything is written: the corpus exists (FileNotFoundError), and invalid UTF-8 in it
+    is a warning with the count (printed when `warn`), or a ValueError with `strict_utf8`."""
+    from openk2.train.data import check_utf8
+
+    bad = check_utf8(cfg.corpus, strict=cfg.strict_utf8)
+    if bad and warn:
+        print(f"warning: {bad}", file=sys.stderr)
+
+
 def prepare_data(cfg: TrainConfig, vocab_size: int):
     """(tokenizer, training loader, fixed eval batches, facts for the run's config record). Every
     process of a distributed run builds the same loader and so sees the same global batches."""
     from openk2.train.data import PackedLoader, split_tokens, tokenize_corpus
 
-    tokenizer = load_tokenizer(cfg.tokenizer, vocab_size)
+    tokenizer = tokenizer_by_name(cfg.tokenizer, vocab_size)
+    if is_streamed_corpus(cfg.corpus):
+        return tokenizer, *streamed_data(cfg, tokenizer)
     t_tok = time.perf_counter()
     tokens = tokenize_corpus(cfg.corpus, tokenizer, max_chars=cfg.max_chars)
     t_tok = time.perf_counter() - t_tok
@@ -343,103 +318,161 @@ def prepare_data(cfg: TrainConfig, vocab_size: int):
     return tokenizer, loader, eval_batches, facts
 
 
-def run_steps(trainer, loader, eval_batches, cfg: TrainConfig, logger, save, last_saved, progress: bool):
-    """The step loop of both `pretrain` paths (one process and torchrun): train, log, evaluate and save
-    on the configured cadence; a divergence stops the run naming the last good checkpoint. `logger` is
-    None on ranks that do not log. Returns (last checkpoint, last train record, seconds)."""
-    last = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
-    bar = tqdm(total=last, initial=trainer.step, disable=not progress, desc="train", unit="step")
-    record, t_start = None, time.perf_counter()
-    try:
-        while trainer.step < last:
-            try:
-                record = trainer.train_step(loader.batches(cfg.grad_accum))
-            except TrainingDiverged as e:
-                where = (
-                    f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
-                )
-                raise TrainingDiverged(f"{e}; stopping the run ({where}).") from None
-            if logger:
-                logger.log(record)
-            bar.update(1)
-            shown = {"loss": ".3f", "tokens_per_s": ".0f", "max_logit": ".1f", "imbalance": ".2f"}
-            bar.set_postfix({k: format(record[k], f) for k, f in shown.items() if k in record})
-            s = trainer.step
-            if eval_batches and (s % cfg.eval_every == 0 or s == cfg.steps):
-                loss = trainer.evaluate(eval_batches)  # every rank takes part under torchrun
-                if logger:
-                    logger.log({"kind": "eval", "step": s, "tokens": trainer.tokens, "loss": loss})
-            if s % cfg.save_every == 0 or s == last:
-                last_saved = save()
-    finally:
-        bar.close()
-        if logger:
-            logger.close()
-    return last_saved, record, time.perf_counter() - t_start
+def streamed_data(cfg: TrainConfig, tokenizer):
+    """A JSONL / Parquet corpus: tokenised once into memory-mapped shards (cached under the data
+    cache, keyed by the sources and the tokenizer) and streamed; the tail is held out for evals."""
+    import hashlib
+
+    from openk2.train.data import default_cache_dir
+    from openk2.train.shards import StreamingLoader, TokenShards, build_shards, tokenizer_fingerprint
+
+    source = Path(cfg.corpus).expanduser().resolve()
+    key = hashlib.sha1(f"{source}:{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()[:12]
+    t_tok = time.perf_counter()
+    shards = TokenShards(build_shards(source, tokenizer, default_cache_dir() / "shards" / key), tokenizer)
+    t_tok = time.perf_counter() - t_tok
+    n_val = max(int(len(shards) * cfg.val_fraction), cfg.seq_len + 1)
+    if len(shards) - n_val < 2 * (cfg.seq_len + 1):
+        raise ValueError(f"corpus too small: {len(shards)} tokens cannot fill windows of {cfg.seq_len}")
+    eos = tokenizer.eos_id if cfg.document_mask else None
+    loader = StreamingLoader(shards, cfg.batch_size, cfg.seq_len, eos_id=eos, limit=len(shards) - n_val)
+    val_rows = (n_val - 1) // cfg.seq_len
+    val_batch = max(1, min(cfg.batch_size, val_rows))
+    eval_batches = []
+    for b in range(min(cfg.eval_batches, val_rows // val_batch)):
+        start = len(shards) - n_val + b * val_batch * cfg.seq_len
+        flat = torch.from_numpy(shards.read(start, val_batch * cfg.seq_len + 1))
+        windows = flat.unfold(0, cfg.seq_len + 1, cfg.seq_len)[:val_batch]
+        x = windows[:, :-1]
+        seg = segment_ids_from_eos(x, eos) if eos is not None else None
+        eval_batches.append(Batch(x, windows[:, 1:], None, seg))
+    facts = {"train_tokens": len(shards) - n_val, "val_tokens": n_val, "tokenize_seconds": t_tok}
+    return loader, eval_batches, facts
 
 
-def pretrain(cfg: TrainConfig, resume: bool = True) -> dict:
-    """Train `cfg.preset` on `cfg.corpus`; resumes from the run's latest checkpoint when there is one.
-    Returns a summary (final losses, tokens/s, paths). Raises TrainingDiverged on NaN/inf."""
-    from openk2.checkpoint.store import latest_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
-    from openk2.checkpoint.store import rng_state as get_rng_state
-    from openk2.config import ModelConfig
+def startup_summary(
+    cfg: TrainConfig, model_cfg, facts: dict, run: Run, resumed_step: int | None, where: str
+) -> str:
+    """What the run is about to do, printed before the first step (the ETA follows the first step)."""
     from openk2.model.transformer import Transformer
-    from openk2.train.logging import RunLogger, plot_run, read_metrics
+    from openk2.optim.muon import resolve_ns_dtype
 
+    with torch.device("meta"):
+        counted = Transformer(model_cfg)
+    total, active = counted.num_parameters(), counted.num_parameters(activated=True)
+    ns = "n/a (AdamW)"
+    if cfg.optimizer != "adamw":
+        ns = str(resolve_ns_dtype(cfg.ns_dtype, pick_device(cfg.device))).removeprefix("torch.")
+    step_tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+    epochs = cfg.steps * step_tokens / max(facts["train_tokens"], 1)
+    start = f"resuming at step {resumed_step}" if resumed_step is not None else f"new run {run.run_id}"
+    return "\n".join([
+        f"model {cfg.model_name} ({model_cfg.model_type}): {total / 1e6:,.2f}M parameters, "
+        f"{active / 1e6:,.2f}M activated per token",
+        f"device {where}, {torch.get_num_threads()} threads; optimizer {cfg.optimizer}, lr {cfg.lr:g}, "
+        f"Newton-Schulz in {ns}",
+        f"corpus {cfg.corpus}: {facts['train_tokens']:,} training + {facts['val_tokens']:,} held-out tokens; "
+        f"{cfg.steps} steps x {step_tokens:,} tokens = {epochs:.2f} epochs",
+        f"output {run.dir} ({start}); ETA after the first step",
+    ])  # fmt: skip
+
+
+def pretrain(cfg: TrainConfig, resume: bool = True, overwrite: bool = False) -> dict:
+    """Train the configured model on `cfg.corpus` in one process, or under torchrun on the mesh
+    `cfg.parallel` (`openk2.train.distributed`); resumes the run in `cfg.out_dir` when it has a
+    checkpoint (see `openk2.train.run.Run` for what is refused). Returns a summary (final losses,
+    tokens/s, paths; "interrupted" when a signal stopped it). Raises TrainingDiverged on NaN/inf."""
     cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    model_cfg = cfg.build_model_config()
     if is_distributed(cfg):
-        from openk2.distributed.train import pretrain_distributed
+        from openk2.train.distributed import pretrain_distributed
 
-        return pretrain_distributed(cfg, resume)
+        return pretrain_distributed(cfg, model_cfg, resume, overwrite)
     device = pick_device(cfg.device)
-    run_dir = Path(cfg.out_dir)
-    ckpt = latest_checkpoint(run_dir) if resume else None
-
+    check_corpus(cfg)
+    run = Run(
+        cfg, job="pretrain", config=asdict(cfg), model_config=model_cfg, resume=resume, overwrite=overwrite
+    )
+    state = run.open()
     torch.manual_seed(cfg.seed)
-    model_cfg = ModelConfig.from_preset(cfg.preset)
     tokenizer, loader, eval_batches, facts = prepare_data(cfg, model_cfg.vocab_size)
 
-    model = Transformer(model_cfg).to(device)
-    optimizer = build_optimizer(model, cfg)
-    schedule = Schedule(cfg.schedule, cfg.steps, min(cfg.warmup_steps, cfg.steps), cfg.decay_fraction,
-                        cfg.min_lr_ratio)  # fmt: skip
-    trainer = Trainer(model, optimizer, schedule, cfg, device)
-    if ckpt is not None:
-        from openk2.checkpoint.hf import load_weights_
+    from openk2.model.transformer import Transformer
 
-        state = load_trainer_state(ckpt)
-        load_weights_(model, ckpt)
-        trainer.load_state_dict(state)
+    model = Transformer(model_cfg).to(device)
+    trainer = Trainer(model, build_optimizer(model, cfg), make_schedule(cfg), cfg, device)
+    where = str(device) if device.type != "cuda" else f"{device} ({torch.cuda.get_device_name(device)})"
+    return drive_pretraining(
+        cfg, model_cfg, run, state, trainer, tokenizer, loader, eval_batches, facts, where
+    )
+
+
+def make_schedule(cfg: TrainConfig) -> Schedule:
+    return Schedule(
+        cfg.schedule, cfg.steps, min(cfg.warmup_steps, cfg.steps), cfg.decay_fraction, cfg.min_lr_ratio
+    )
+
+
+def drive_pretraining(cfg, model_cfg, run: Run, state, trainer, tokenizer, loader, eval_batches, facts,
+                      where: str, layout: dict | None = None, agree=lambda stop: stop) -> dict:  # fmt: skip
+    """The pre-training run around either trainer (`Trainer`, `DistributedTrainer`): resume, log,
+    loop, plot and summarise. Only the main process (`run.is_main`) writes and prints."""
+    from openk2.checkpoint.store import rng_state, set_rng_state
+    from openk2.train.logging import ConsoleLog, peak_tflops, plot_run, read_metrics, train_flops_per_token
+
+    if state is not None:
+        trainer.load(run.checkpoint, state)
         loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
-        print(f"resuming from {ckpt} (step {trainer.step})")
-    logger = RunLogger(run_dir, tensorboard=cfg.tensorboard, append=ckpt is not None)
-    if ckpt is None:
-        logger.log({"kind": "config", "config": _config_dict(cfg), "model": model_cfg.to_hf_dict(), **facts})
+    if run.is_main:
+        resumed = state["step"] if state is not None else None
+        print(startup_summary(cfg, model_cfg, facts, run, resumed, where), flush=True)
+    if state is None:
+        extra = {"layout": layout} if layout else {}
+        run.log({"kind": "config", "config": asdict(cfg), "model": model_cfg.to_hf_dict(),
+                 "run_id": run.run_id, **extra, **facts})  # fmt: skip
 
     def save() -> Path:
-        state = trainer.state_dict()
-        state.update(data=loader.state_dict(), rng=get_rng_state(), config=_config_dict(cfg))
-        return save_checkpoint(run_dir, trainer.step, model, tokenizer, state, keep=cfg.keep_checkpoints)
+        return trainer.save(run, tokenizer, {"data": loader.state_dict(), "rng": rng_state()})
 
+    def evaluate(step: int) -> dict | None:
+        if not eval_batches:
+            return None
+        loss = trainer.evaluate(eval_batches)  # every rank takes part under torchrun
+        return {"kind": "eval", "step": step, "tokens": trainer.tokens, "loss": loss}
+
+    from openk2.model.transformer import Transformer
+
+    with torch.device("meta"):
+        active = Transformer(model_cfg).num_parameters(activated=True)
+    last = cfg.steps if cfg.stop_at is None else min(cfg.stop_at, cfg.steps)
+    console = ConsoleLog(last, cfg.log_every, train_flops_per_token(model_cfg, cfg.seq_len, active),
+                         peak_tflops(pick_device(cfg.device)), start_tokens=trainer.tokens)  # fmt: skip
     tok_start = trainer.tokens
-    last_saved, record, elapsed = run_steps(
-        trainer, loader, eval_batches, cfg, logger, save, ckpt, cfg.progress
-    )
-    metrics = read_metrics(run_dir)
-    png = plot_run(metrics, run_dir / "curves.png", title=f"{cfg.preset} / {cfg.optimizer} on {cfg.corpus}")
-    evals = [m for m in metrics if m.get("kind") == "eval"]
-    return {
-        "run_dir": str(run_dir),
-        "checkpoint": str(last_saved) if last_saved else None,
-        "curves": str(png),
+    result = run.loop(
+        lambda: trainer.train_step(loader.batches(cfg.grad_accum)),
+        start_step=trainer.step, last_step=last, save_fn=save, eval_fn=evaluate, agree=agree, console=console,
+    )  # fmt: skip
+    summary = {
+        "run_dir": str(run.dir),
+        "checkpoint": str(result.last_saved) if result.last_saved else None,
+        "curves": None,
         "steps": trainer.step,
         "tokens": trainer.tokens,
-        "train_loss": record["loss"] if record else None,
-        "eval_loss": evals[-1]["loss"] if evals else None,
-        "tokens_per_s": (trainer.tokens - tok_start) / elapsed if elapsed > 0 else 0.0,
-        "seconds": elapsed,
+        "train_loss": result.record["loss"] if result.record else None,
+        "eval_loss": None,
+        "tokens_per_s": (trainer.tokens - tok_start) / result.seconds if result.seconds > 0 else 0.0,
+        "seconds": result.seconds,
+        "interrupted": result.interrupted,
     }
+    if run.is_main:
+        metrics = read_metrics(run.dir)
+        title = f"{cfg.model_name} / {cfg.optimizer} on {Path(cfg.corpus).name}"
+        if layout:
+            title += f" (pp {layout['pp']}, dp {layout['dp']}, ep {layout['ep']})"
+        summary["curves"] = str(plot_run(metrics, run.dir / "curves.png", title=title))
+        evals = [m for m in metrics if m.get("kind") == "eval"]
+        summary["eval_loss"] = evals[-1]["loss"] if evals else None
+    return summary

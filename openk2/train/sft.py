@@ -1,8 +1,8 @@
 """`openk2 sft`: supervised fine-tuning on chat data (K2 chat format, tool calls included).
 
-The data side is the part specific to SFT; the optimizer step, schedule, checkpoints and logs are the
-pre-training machinery (`openk2.train.loop.Trainer`, `save_checkpoint`, `RunLogger`), so SFT runs with
-MuonClip like K2's post-training did.
+The data side is the part specific to SFT; the optimizer step is pre-training's (`Trainer`, MuonClip
+as in K2's post-training) and the run around it -- directory, resume, logs, checkpoints, signals --
+is the one run driver (`openk2.train.run.Run`). `SFTConfig` composes the shared option sets.
 
 * Encoding: `encode_chat` renders each conversation (tools declared in the `tool_declare` system turn)
   and returns the assistant mask; the loss counts only tokens the assistant produced: its text, its
@@ -20,14 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from openk2.checkpoint import load_model
+from openk2.train.config import ConfigError, OptimizerOptions, RunOptions
 from openk2.train.data import Batch
+from openk2.train.memory import MemoryOptions
 
 
 @dataclass
@@ -44,14 +46,18 @@ class Packed:
 def load_conversations(path: str | Path) -> list[dict]:
     """Chat JSONL: one {"messages": [...], "tools": [...]?} per line (what `openk2 synth trajectories`
     writes; OpenAI-shaped messages)."""
-    from openk2.client import read_jsonl
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SFT data {path} does not exist")
-    convs = read_jsonl(path)
+    convs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                convs.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
     for i, c in enumerate(convs):
-        msgs = c.get("messages")
+        msgs = c.get("messages") if isinstance(c, dict) else None
         if not isinstance(msgs, list) or not msgs:
             raise ValueError(f"{path}:{i + 1}: each line needs a non-empty 'messages' list")
         if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
@@ -139,70 +145,65 @@ class SFTLoader:
         self.pos = state["pos"]
 
 
-@dataclass
-class SFTConfig:
+@dataclass(kw_only=True)
+class SFTConfig(OptimizerOptions, RunOptions):
+    """`openk2 sft`: the shared run and optimizer options with SFT's defaults, plus its data."""
+
     data: str
     init: str  # checkpoint (or run directory) to fine-tune
-    out_dir: str = "runs/sft"
+    out_dir: str | None = "runs/sft"
     steps: int = 100
     batch_size: int = 8
     seq_len: int = 1024
     grad_accum: int = 1
-    optimizer: str = "muonclip"
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
-    schedule: str = "wsd"
     decay_fraction: float = 0.3
-    min_lr_ratio: float = 0.1
     val_fraction: float = 0.05
     eval_every: int = 25
     save_every: int = 50
-    keep_checkpoints: int = 2
-    seed: int = 0
-    device: str = "auto"
-    threads: int | None = None
-    progress: bool = True
-    tensorboard: bool = True
+    memory: MemoryOptions = field(default_factory=MemoryOptions)
+
+    def validate(self) -> SFTConfig:
+        self.validate_run()
+        self.validate_optimizer()
+        for name in ("batch_size", "seq_len", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        return self
 
 
-def sft(cfg: SFTConfig, resume: bool = True) -> dict:
-    """Fine-tune `cfg.init` on `cfg.data`; resumes from the newest checkpoint in out_dir."""
-    from tqdm import tqdm
-
+def sft(cfg: SFTConfig, resume: bool = True, overwrite: bool = False) -> dict:
+    """Fine-tune `cfg.init` on `cfg.data`; resumes the run in out_dir when it has a checkpoint."""
+    from openk2.checkpoint import load_tokenizer, resolve_checkpoint
     from openk2.checkpoint.hf import load_weights_
-    from openk2.checkpoint.store import (
-        latest_checkpoint,
-        load_trainer_state,
-        resolve_checkpoint,
-        rng_state,
-        save_checkpoint,
-        set_rng_state,
-    )
-    from openk2.tokenizer.tokenizer import K2Tokenizer
-    from openk2.train.logging import RunLogger
-    from openk2.train.loop import TrainConfig, Trainer, TrainingDiverged, build_optimizer, pick_device
+    from openk2.checkpoint.store import rng_state, set_rng_state
+    from openk2.config import ModelConfig
+    from openk2.train.logging import ConsoleLog, plot_run, read_metrics
+    from openk2.train.loop import Trainer, build_optimizer, pick_device
+    from openk2.train.run import Run
     from openk2.train.schedule import Schedule
 
+    cfg.validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tcfg = TrainConfig(
-        steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, grad_accum=cfg.grad_accum,
-        optimizer=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, schedule=cfg.schedule,
-        warmup_steps=min(cfg.warmup_steps, cfg.steps), decay_fraction=cfg.decay_fraction,
-        min_lr_ratio=cfg.min_lr_ratio, seed=cfg.seed, out_dir=cfg.out_dir,
-    ).validate()  # fmt: skip
     device = pick_device(cfg.device)
-    run_dir = Path(cfg.out_dir)
-    ckpt = latest_checkpoint(run_dir) if resume and run_dir.exists() else None
     init = resolve_checkpoint(cfg.init)
+    convs = load_conversations(cfg.data)
+    model_config = ModelConfig.from_pretrained(init)
+    run = Run(
+        cfg, job="sft", config=asdict(cfg), model_config=model_config, resume=resume, overwrite=overwrite
+    )
+    state = run.open()
     torch.manual_seed(cfg.seed)
-    tokenizer = K2Tokenizer.from_pretrained(init)
-    model = load_model(ckpt or init).to(device)
+    tokenizer = load_tokenizer(init, model_config.vocab_size)
+    model = load_model(init).to(device)
     if model.config.torch_dtype == "bfloat16" and device.type == "cpu":
         model = model.float()
 
-    convs = load_conversations(cfg.data)
     rng = random.Random(cfg.seed)
     order = list(range(len(convs)))
     rng.shuffle(order)
@@ -210,6 +211,13 @@ def sft(cfg: SFTConfig, resume: bool = True) -> dict:
     encode = lambda ids: [encode_conversation(tokenizer, convs[i]) for i in ids]  # noqa: E731
     packed = pack(encode(order[n_val:]), cfg.seq_len)
     val = pack(encode(order[:n_val]), cfg.seq_len) if n_val else None
+    dropped = packed.dropped + (val.dropped if val else 0)
+    if dropped:
+        print(
+            f"warning: {dropped} of {len(convs)} conversations are longer than --seq-len {cfg.seq_len} "
+            "tokens and are left out (never truncated); raise --seq-len to keep them",
+            file=sys.stderr,
+        )
     loader = SFTLoader(packed, cfg.batch_size, cfg.seed)
     eval_batches = (
         [Batch(val.input_ids[i : i + cfg.batch_size], val.targets[i : i + cfg.batch_size],
@@ -218,20 +226,18 @@ def sft(cfg: SFTConfig, resume: bool = True) -> dict:
         if val is not None and len(val.input_ids) else []
     )  # fmt: skip
 
-    optimizer = build_optimizer(model, tcfg)
-    schedule = Schedule(cfg.schedule, cfg.steps, tcfg.warmup_steps, cfg.decay_fraction, cfg.min_lr_ratio)
-    trainer = Trainer(model, optimizer, schedule, tcfg, device)
-    if ckpt is not None:
-        state = load_trainer_state(ckpt)
-        load_weights_(model, ckpt)
+    optimizer = build_optimizer(model, cfg)
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    schedule = Schedule(cfg.schedule, cfg.steps, warmup, cfg.decay_fraction, cfg.min_lr_ratio)
+    trainer = Trainer(model, optimizer, schedule, cfg, device)
+    if state is not None:
+        load_weights_(model, run.checkpoint)
         trainer.load_state_dict(state)
         loader.load_state_dict(state["data"])
         set_rng_state(state["rng"])
-        print(f"resuming SFT from {ckpt} (step {trainer.step})")
-    logger = RunLogger(run_dir, tensorboard=cfg.tensorboard, append=ckpt is not None)
     data_stats = {
         "conversations": packed.conversations,
-        "dropped_too_long": packed.dropped + (val.dropped if val else 0),
+        "dropped_too_long": dropped,
         "rows": len(packed.input_ids),
         "assistant_tokens": packed.assistant_tokens,
         "fill": float(
@@ -239,47 +245,58 @@ def sft(cfg: SFTConfig, resume: bool = True) -> dict:
         ),
         "val_conversations": val.conversations if val else 0,
     }
-    if ckpt is None:
-        logger.log(
-            {"kind": "config", "sft": asdict(cfg), "model": model.config.to_hf_dict(), "data": data_stats}
-        )
+    start = f"resuming at step {trainer.step}" if state is not None else f"new run {run.run_id}"
+    print(
+        f"sft {init} on {cfg.data}: {packed.conversations} training conversations in "
+        f"{data_stats['rows']} rows of {cfg.seq_len} tokens ({data_stats['fill']:.0%} filled), "
+        f"{data_stats['val_conversations']} held out; {cfg.steps} steps on {device}",
+        f"output {run.dir} ({start})",
+        sep="\n",
+        flush=True,
+    )
+    if state is None:
+        run.log({"kind": "config", "sft": asdict(cfg), "model": model.config.to_hf_dict(), "data": data_stats,
+                 "run_id": run.run_id})  # fmt: skip
 
     def save() -> Path:
-        state = trainer.state_dict()
-        state.update(data=loader.state_dict(), rng=rng_state(), config={"sft": asdict(cfg)})
-        return save_checkpoint(run_dir, trainer.step, model, tokenizer, state, keep=cfg.keep_checkpoints)
+        return trainer.save(run, tokenizer, {"data": loader.state_dict(), "rng": rng_state()})
 
-    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not cfg.progress, desc="sft", unit="step")
-    last_saved, record, t0, first_eval, last_eval = ckpt, None, time.perf_counter(), None, None
+    def evaluate(step: int) -> dict | None:
+        if not eval_batches:
+            return None
+        return {
+            "kind": "eval",
+            "step": step,
+            "tokens": trainer.tokens,
+            "loss": trainer.evaluate(eval_batches),
+        }
+
+    def step() -> dict:
+        record = trainer.train_step(loader.batches(cfg.grad_accum))
+        record["epoch"] = loader.epoch
+        return record
+
+    first_eval = None
     if eval_batches and trainer.step == 0:
         first_eval = trainer.evaluate(eval_batches)
-        logger.log({"kind": "eval", "step": 0, "tokens": 0, "loss": first_eval})
-    try:
-        while trainer.step < cfg.steps:
-            try:
-                record = trainer.train_step(loader.batches(cfg.grad_accum))
-            except TrainingDiverged as e:
-                raise TrainingDiverged(f"{e}; last good checkpoint: {last_saved}") from None
-            record["epoch"] = loader.epoch
-            logger.log(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", epoch=loader.epoch)
-            s = trainer.step
-            if eval_batches and (s % cfg.eval_every == 0 or s == cfg.steps):
-                last_eval = trainer.evaluate(eval_batches)
-                logger.log({"kind": "eval", "step": s, "tokens": trainer.tokens, "loss": last_eval})
-            if s % cfg.save_every == 0 or s == cfg.steps:
-                last_saved = save()
-    finally:
-        bar.close()
-        logger.close()
+        run.log({"kind": "eval", "step": 0, "tokens": 0, "loss": first_eval})
+    console = ConsoleLog(cfg.steps, cfg.log_every, start_tokens=trainer.tokens)
+    result = run.loop(step, start_step=trainer.step, last_step=cfg.steps, save_fn=save, eval_fn=evaluate,
+                      console=console, desc="sft")  # fmt: skip
+    metrics = read_metrics(run.dir)
+    evals = [m for m in metrics if m.get("kind") == "eval"]
+    curves = plot_run(metrics, run.dir / "curves.png", title=f"SFT of {init} on {Path(cfg.data).name}")
     return {
-        "checkpoint": str(last_saved) if last_saved else None,
+        "checkpoint": str(result.last_saved) if result.last_saved else None,
+        "curves": str(curves),
         "steps": trainer.step,
-        "train_loss": record["loss"] if record else None,
-        "eval_loss_before": first_eval,
-        "eval_loss_after": last_eval,
-        "seconds": time.perf_counter() - t0,
+        "train_loss": result.record["loss"] if result.record else None,
+        "eval_loss_before": first_eval
+        if first_eval is not None
+        else next((m["loss"] for m in evals if m["step"] == 0), None),
+        "eval_loss_after": evals[-1]["loss"] if evals and evals[-1]["step"] > 0 else None,
+        "seconds": result.seconds,
+        "interrupted": result.interrupted,
         **data_stats,
     }
 
@@ -289,20 +306,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", required=True, help="checkpoint or run directory to start from")
     d = SFTConfig(data="", init="")
     for name in ("out_dir", "steps", "batch_size", "seq_len", "grad_accum", "lr", "weight_decay",
-                 "warmup_steps", "val_fraction", "eval_every", "save_every", "seed", "device"):  # fmt: skip
+                 "warmup_steps", "val_fraction", "eval_every", "save_every", "log_every", "seed",
+                 "device"):  # fmt: skip
         value = getattr(d, name)
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     p.add_argument("--optimizer", choices=["muonclip", "muon", "adamw"], default=d.optimizer)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--no-resume", action="store_true", help="start over even if out_dir has checkpoints")
+    p.add_argument("--no-resume", action="store_true", help="start a new run instead of resuming out_dir's")
+    p.add_argument("--overwrite", action="store_true", help="with --no-resume: move the old run aside")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines still print)")
 
 
 def run(args: argparse.Namespace) -> int:
-    fields = {k: v for k, v in vars(args).items() if k in SFTConfig.__dataclass_fields__}
-    cfg = SFTConfig(**fields)
-    try:
-        summary = sft(cfg, resume=not args.no_resume)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    print(json.dumps(summary, indent=2))
+    from openk2.train.run import run_command, signal_exit_code
+
+    names = {f.name for f in fields(SFTConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    summary = run_command(
+        lambda: sft(SFTConfig(**values, progress=not args.no_progress), not args.no_resume, args.overwrite)
+    )
+    if isinstance(summary, int):
+        return summary
+    if summary["interrupted"]:
+        where = f"step {summary['steps']}; checkpoint {summary['checkpoint']}"
+        print(
+            f"{summary['interrupted']}: stopped at {where}; run the same command to resume", file=sys.stderr
+        )
+        return signal_exit_code(summary["interrupted"])
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    print(
+        f"fine-tuned {summary['steps']} steps in {summary['seconds']:.0f} s on {summary['conversations']} "
+        f"conversations ({summary['assistant_tokens']:,} assistant tokens, {summary['dropped_too_long']} "
+        f"left out as too long); held-out loss {fmt(summary['eval_loss_before'])} -> "
+        f"{fmt(summary['eval_loss_after'])}"
+    )
+    print(f"checkpoint: {summary['checkpoint']}\ncurves:     {summary['curves']}")
     return 0

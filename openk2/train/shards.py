@@ -42,6 +42,18 @@ class CorpusError(ValueError):
     """A corpus or shard directory that cannot be used, with a message naming the file."""
 
 
+def is_streamed_corpus(source: str | os.PathLike) -> bool:
+    """True for the corpora that go through token shards: JSONL or Parquet files, or directories
+    holding any (plain text files and the embedded corpora keep the in-memory path)."""
+    path = Path(source).expanduser()
+    structured = JSONL_SUFFIXES | PARQUET_SUFFIXES
+    if path.is_file():
+        return path.suffix.lower() in structured
+    if path.is_dir():
+        return any(p.suffix.lower() in structured for p in path.rglob("*") if p.is_file())
+    return False
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything that decides which ids a text gets: ranks, special tokens, pattern."""
     h = hashlib.sha256()
@@ -242,6 +254,7 @@ class StreamingLoader:
         rank: int = 0,
         world: int = 1,
         eos_id: int | None = None,
+        limit: int | None = None,
     ):
         if batch_size < 1 or seq_len < 1:
             raise ValueError("batch_size and seq_len must be positive")
@@ -250,15 +263,16 @@ class StreamingLoader:
         self.shards, self.batch_size, self.seq_len = shards, batch_size, seq_len
         self.rank, self.world, self.eos_id = rank, world, eos_id
         self.stride = batch_size * seq_len  # tokens one global batch advances
-        if len(shards) < self.stride + 1:
+        self.limit = len(shards) if limit is None else min(limit, len(shards))  # tokens it may read
+        if self.limit < self.stride + 1:
             raise ValueError(
-                f"{len(shards)} tokens cannot fill one batch of {batch_size} x {seq_len}; "
+                f"{self.limit} tokens cannot fill one batch of {batch_size} x {seq_len}; "
                 "lower --batch-size or --seq-len"
             )
         self.position, self.epoch = 0, 0
 
     def next_batch(self) -> Batch:
-        if self.position + self.stride + 1 > len(self.shards):  # drop the ragged tail, wrap around
+        if self.position + self.stride + 1 > self.limit:  # drop the ragged tail, wrap around
             self.position, self.epoch = 0, self.epoch + 1
         rows = self.batch_size // self.world
         first = self.position + self.rank * rows * self.seq_len
@@ -272,6 +286,10 @@ class StreamingLoader:
 
     def batches(self, n: int) -> list[Batch]:
         return [self.next_batch() for _ in range(n)]
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
 
     def state_dict(self) -> dict:
         return {

@@ -9,6 +9,10 @@ are the single-process run's up to floating-point summation order. The model is 
 from the same seed and then cut (pipeline chunks) and sharded (expert slices); the optimizer is
 `DistributedMuon` (ZeRO-1) with MuonClip's arithmetic, or its AdamW-only mode for `--optimizer adamw`.
 
+`DistributedTrainer` shares `StepTrainer` (aux-loss override, schedule, counters) with the one-process
+`Trainer`, and the run around it (run directory, resume, logs, signals, plots) is the same driver,
+`openk2.train.loop.drive_pretraining` on an `openk2.train.run.Run`; rank 0 writes, every rank decides.
+
 Per step (`DistributedTrainer.train_step`, mirroring `Trainer.train_step`):
 
 1. forward/backward of every gradient-accumulation micro-batch, scaled by 1/grad_accum;
@@ -39,6 +43,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -46,15 +51,6 @@ import torch
 import torch.distributed as dist
 
 from openk2.checkpoint import load_model
-from openk2.checkpoint.store import (
-    checkpoint_dir,
-    latest_checkpoint,
-    load_trainer_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from openk2.checkpoint.store import rng_state as get_rng_state
-from openk2.config import ModelConfig
 from openk2.distributed import checkpoint as dckpt
 from openk2.distributed.dist_muon import DistributedMuon
 from openk2.distributed.launch import setup
@@ -63,19 +59,20 @@ from openk2.distributed.parallelize import ParallelModel
 from openk2.model.moe import MoE
 from openk2.model.transformer import Transformer
 from openk2.optim import load_imbalance, update_routing_bias_
+from openk2.train.config import TrainConfig
 from openk2.train.data import Batch
-from openk2.train.logging import RunLogger, plot_run, read_metrics
 from openk2.train.loop import (
-    TrainConfig,
-    _config_dict,
+    StepTrainer,
     build_optimizer,
     causal_lm_loss,
+    check_corpus,
     check_finite,
+    drive_pretraining,
+    make_schedule,
     prepare_data,
-    run_steps,
-    train_record,
 )
 from openk2.train.memory import activation_context, apply_memory_options
+from openk2.train.run import Run
 from openk2.train.schedule import Schedule
 
 
@@ -106,18 +103,13 @@ def _world():
     return dist.group.WORLD if dist.is_initialized() else None
 
 
-class DistributedTrainer:
+class DistributedTrainer(StepTrainer):
     """`Trainer` on a mesh: same step, statistics, clipping and divergence check; see the module doc."""
 
     def __init__(self, model: Transformer, mesh: Mesh, schedule: Schedule, cfg: TrainConfig):
-        self.mesh, self.schedule, self.cfg = mesh, schedule, cfg
+        super().__init__(model, schedule, cfg)
+        self.mesh = mesh
         self.config = model.config
-        self.step = 0
-        self.tokens = 0
-        if cfg.aux_loss_alpha is not None:
-            for m in model.modules():
-                if hasattr(m, "aux_loss_alpha"):
-                    m.aux_loss_alpha = cfg.aux_loss_alpha
         self.pm = ParallelModel(model, mesh)
         for ch in self.pm.chunks:
             apply_memory_options(ch, cfg.memory)
@@ -182,10 +174,7 @@ class DistributedTrainer:
         `Trainer.train_step`, identical on every rank."""
         t0 = time.perf_counter()
         self.pm.train()
-        scale = self.schedule(self.step)
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
-            g["lr"] = base * scale
-        self.optimizer.zero_grad(set_to_none=True)
+        scale = self.begin_step()
         self.pm.reset_stats()
         self._aux = 0.0
         n = len(micro_batches)
@@ -215,20 +204,16 @@ class DistributedTrainer:
             update_routing_bias_(ch, rate=self.cfg.bias_update_rate)
         # each batch-group rank clipped the same heads; the pp ranks clipped different layers
         clipped = int(all_reduce_(torch.tensor(clipped), _world())) // self.mesh.batch_size
-        self.step += 1
-        self.tokens += tokens
-        return train_record(
-            step=self.step,
-            tokens=self.tokens,
+        return self.end_step(
+            tokens,
+            scale,
+            t0,
             loss=loss_value,
             aux_loss=aux_value,
-            lr=self.base_lrs[0] * scale,
             grad_norm=grad_norm,
             max_logit=float(maxes[0]) if math.isfinite(maxes[0]) else float("nan"),  # -inf: none recorded
             heads_clipped=clipped,
             imbalance=float(maxes[1]),
-            step_tokens=tokens,
-            seconds=time.perf_counter() - t0,
         )
 
     # ------------------------------------------------------------------ evaluation
@@ -275,7 +260,7 @@ class DistributedTrainer:
         return total / max(count, 1)
 
     # ------------------------------------------------------------------ checkpoints (single-process format)
-    def save(self, run_dir: Path, tokenizer, extra: dict, keep: int) -> Path:
+    def save(self, run: Run, tokenizer, extra: dict) -> Path:
         """Write `pretrain`'s checkpoint (HF layout + trainer_state.pt) from rank 0. Collective."""
         mesh = self.mesh
         model_sd, optim = dckpt.gather_stage(self.pm, self.optimizer)
@@ -286,7 +271,7 @@ class DistributedTrainer:
                 for m, o in parts[1:]:
                     model_sd.update(m)
                     optim.update(o)
-        path = checkpoint_dir(run_dir, self.step)
+        path = None
         if mesh.rank == 0:
             with torch.device("meta"):
                 full = Transformer(self.config)
@@ -301,9 +286,9 @@ class DistributedTrainer:
                 if adamw:  # torch's AdamW keeps its step count as a float tensor
                     state["step"] = torch.tensor(float(state["step"]))
                 opt.state[named[name]] = state
-            state = {"step": self.step, "tokens": self.tokens, "optimizer": opt.state_dict(),
-                     "schedule": asdict(self.schedule), "base_lrs": self.base_lrs, **extra}  # fmt: skip
-            path = save_checkpoint(run_dir, self.step, full, tokenizer, state, keep=keep)
+            path = run.save(
+                self.step, full, tokenizer, {**self.counters(), "optimizer": opt.state_dict(), **extra}
+            )
         dist.barrier()
         return path
 
@@ -318,77 +303,51 @@ class DistributedTrainer:
             if p in opt.state:
                 optim[name] = {k: int(v) if k == "step" else v for k, v in opt.state[p].items()}
         dckpt.load_full(self.pm, self.optimizer, full.state_dict(), optim, str(ckpt))
-        self.step, self.tokens = state["step"], state["tokens"]
-        self.base_lrs = list(state["base_lrs"])
+        self.load_counters(state)
 
 
-def pretrain_distributed(cfg: TrainConfig, resume: bool = True) -> dict:
+def pretrain_distributed(cfg: TrainConfig, model_cfg, resume: bool = True, overwrite: bool = False) -> dict:
     """`pretrain` on the mesh `cfg.parallel` under torchrun (called by `pretrain`). Returns the same
-    summary on every rank, plus "rank"; only rank 0 logs, prints and plots."""
+    summary on every rank, plus "rank" and "layout"; only rank 0 logs, prints and plots."""
     if cfg.device not in ("auto", "cpu"):
         raise ValueError(f"distributed training runs on the CPU (gloo) for now; --device {cfg.device}")
     parallel = resolve_layout(cfg.parallel)
     if cfg.document_mask and parallel.pp > 1:
         raise ValueError("--document-mask needs --pp 1: segment ids are not passed through the pipeline")
+    # torch deprecates the collective names DistributedMuon uses (they still work); one warning per
+    # rank per run is noise for the user, not news
+    warnings.filterwarnings(
+        "ignore",
+        r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+        FutureWarning,
+    )
     init_from_env("gloo")
     mesh = setup(parallel)
     try:
-        return _run(cfg, mesh, resume)
+        return _run(cfg, model_cfg, mesh, resume, overwrite)
     finally:
         dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, mesh: Mesh, resume: bool) -> dict:
-    rank0 = mesh.rank == 0
-    run_dir = Path(cfg.out_dir)
-    ckpt = latest_checkpoint(run_dir) if resume else None  # every rank looks before anyone saves
+def _agree(stop: bool) -> bool:
+    """Stop when any rank was signalled (the save that follows is collective)."""
+    return bool(all_reduce_(torch.tensor(int(stop)), dist.group.WORLD, dist.ReduceOp.MAX))
 
+
+def _run(cfg: TrainConfig, model_cfg, mesh: Mesh, resume: bool, overwrite: bool) -> dict:
+    rank0 = mesh.rank == 0
+    check_corpus(cfg, warn=rank0)
+    run = Run(cfg, job="pretrain", config=asdict(cfg), model_config=model_cfg, resume=resume,
+              overwrite=overwrite, is_main=rank0, barrier=dist.barrier)  # fmt: skip
+    state = run.open()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and as one process
-    model_cfg = ModelConfig.from_preset(cfg.preset)
     tokenizer, loader, eval_batches, facts = prepare_data(cfg, model_cfg.vocab_size)
-    schedule = Schedule(cfg.schedule, cfg.steps, min(cfg.warmup_steps, cfg.steps), cfg.decay_fraction,
-                        cfg.min_lr_ratio)  # fmt: skip
-    trainer = DistributedTrainer(Transformer(model_cfg), mesh, schedule, cfg)
+    trainer = DistributedTrainer(Transformer(model_cfg), mesh, make_schedule(cfg), cfg)
     trainer.check_batch(cfg.batch_size)
-    if ckpt is not None:
-        state = load_trainer_state(ckpt)
-        trainer.load(ckpt, state)
-        loader.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        if rank0:
-            print(f"resuming from {ckpt} (step {trainer.step})")
-    logger = RunLogger(run_dir, tensorboard=cfg.tensorboard, append=ckpt is not None) if rank0 else None
     p = mesh.parallel
     layout = {"pp": p.pp, "dp": p.dp, "ep": p.ep, "virtual_stages": p.virtual_stages,
               "microbatches": trainer.pipe_mb, "world_size": p.world_size}  # fmt: skip
-    if logger and ckpt is None:
-        logger.log({"kind": "config", "config": _config_dict(cfg), "model": model_cfg.to_hf_dict(),
-                    "layout": layout, **facts})  # fmt: skip
-
-    def save() -> Path:
-        extra = dict(data=loader.state_dict(), rng=get_rng_state(), config=_config_dict(cfg))
-        return trainer.save(run_dir, tokenizer, extra, keep=cfg.keep_checkpoints)
-
-    tok_start = trainer.tokens
-    progress = cfg.progress and rank0
-    last_saved, record, elapsed = run_steps(trainer, loader, eval_batches, cfg, logger, save, ckpt, progress)
-    summary = {
-        "rank": mesh.rank,
-        "layout": layout,
-        "run_dir": str(run_dir),
-        "checkpoint": str(last_saved) if last_saved else None,
-        "curves": None,
-        "steps": trainer.step,
-        "tokens": trainer.tokens,
-        "train_loss": record["loss"] if record else None,
-        "eval_loss": None,
-        "tokens_per_s": (trainer.tokens - tok_start) / elapsed if elapsed > 0 else 0.0,
-        "seconds": elapsed,
-    }
-    if rank0:
-        metrics = read_metrics(run_dir)
-        title = f"{cfg.preset} / {cfg.optimizer} on {cfg.corpus} (pp {p.pp}, dp {p.dp}, ep {p.ep})"
-        summary["curves"] = str(plot_run(metrics, run_dir / "curves.png", title=title))
-        evals = [m for m in metrics if m.get("kind") == "eval"]
-        summary["eval_loss"] = evals[-1]["loss"] if evals else None
-    return summary
+    where = f"cpu x {p.world_size} processes (pp {p.pp}, dp {p.dp}, ep {p.ep})"
+    summary = drive_pretraining(cfg, model_cfg, run, state, trainer, tokenizer, loader, eval_batches, facts,
+                                where, layout=layout, agree=_agree)  # fmt: skip
+    return {"rank": mesh.rank, "layout": layout, **summary}
