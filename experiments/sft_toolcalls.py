@@ -44,8 +44,8 @@ import jsonschema
 import torch
 
 from openk2.checkpoint import load_model, save_model
+from openk2.client import ChatRequest, LLMClient, Rejected, ScriptedBackend
 from openk2.data.agents import Agent, Task, make_agents, template_tasks
-from openk2.data.llm import ChatRequest, LLMClient, Rejected, ScriptedBackend
 from openk2.data.tools import EvolveArgs, MCPToolbox, evolve_tools, import_mcp_tools, shipped_server_command
 from openk2.data.trajectories import EpisodeConfig, Judge, OracleAgent, run_episode
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 from eval_util import VALID_ARGS, FakeOpenAI
 
-from openk2.eval.backends import ChatRequest, EndpointBackend
+from openk2.client import ChatRequest, EndpointBackend
 from openk2.eval.harness import ResultStore
 from openk2.eval.toolcall_conformance import ConformanceConfig, check_call, load_cases, run
 

@@ -11,8 +11,8 @@ from math import comb
 import pytest
 from eval_util import FakeOpenAI
 
+from openk2.client import ChatResult, EndpointBackend, ToolCallOut
 from openk2.eval import gym
-from openk2.eval.backends import ChatResult, EndpointBackend, ToolCallOut
 from openk2.eval.harness import Item, ResultStore, compare_table, load_result, result_table, run_items, slug
 from openk2.rl.env import pass_at_k
 
@@ -51,6 +51,8 @@ def test_resume_after_interrupt_does_not_redo_items(tmp_path):
     records = run_items(store, items, square, batch_size=3, progress=False)
     assert seen == [f"i{k}" for k in range(6, 10)]  # only what was missing
     assert [r["value"] for r in records] == [k * k for k in range(10)]
+    seen.clear()
+    assert run_items(store, items, square, batch_size=3, progress=False) == records and not seen
     result = store.finish(records, {"sum": sum(r["value"] for r in records)})
     assert load_result(store.json_path)["metrics"]["sum"] == 285 == result["metrics"]["sum"]
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 from eval_util import FakeOpenAI
 
+from openk2.client import EndpointBackend
 from openk2.eval import humaneval
-from openk2.eval.backends import EndpointBackend
 from openk2.eval.harness import ResultStore
 from openk2.rl.envs.code import load_humaneval
 

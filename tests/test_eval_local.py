@@ -16,7 +16,7 @@ import pytest
 from eval_util import save_tiny_checkpoint
 from serve_util import serve_process
 
-from openk2.eval.backends import ChatRequest, LocalBackend
+from openk2.client import ChatRequest, LocalBackend
 from openk2.eval.harness import ResultStore
 from openk2.eval.toolcall_conformance import check_call, load_cases
 
@@ -47,7 +47,7 @@ def test_local_backend_named_call_is_valid_and_streams_alike(ckpt):
     assert [(c.name, c.arguments) for c in streamed.tool_calls] == [(call.name, call.arguments)]
     assert free.error is None and not free.tool_calls
     too_long = backend.chat_many([ChatRequest([{"role": "user", "content": "x" * 9000}], max_tokens=8)])[0]
-    assert too_long.error.startswith("refused") and "context" in too_long.error
+    assert too_long.error.startswith("context_length") and "context" in too_long.error
 
 
 def test_local_backend_runs_gym_and_humaneval(ckpt, tmp_path):

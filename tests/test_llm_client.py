@@ -1,4 +1,4 @@
-"""The LLM client: retries, permanent failures, cache, resumable JSONL output, HTTP backend."""
+"""The client package: retries, permanent failures, cache, resumable JSONL output, HTTP backend."""
 
 import asyncio
 import json
@@ -8,13 +8,14 @@ import time
 
 import pytest
 
-from openk2.data.llm import (
+from openk2.client import (
     ChatRequest,
-    ChatResponse,
+    ChatResult,
+    EndpointBackend,
     LLMClient,
     LLMError,
-    OpenAIBackend,
     Rejected,
+    RetryPolicy,
     ScriptedBackend,
     TransientError,
     extract_json,
@@ -36,8 +37,8 @@ def test_retries_transient_then_succeeds_and_caches(tmp_path):
             return TransientError("503")
         return "hello " + r.messages[0]["content"]
 
-    backend = ScriptedBackend(fn)
-    client = LLMClient(backend, backoff_s=0.001, cache_path=tmp_path / "cache.jsonl")
+    backend = ScriptedBackend(fn, RetryPolicy(max_retries=4, backoff_s=0.001))
+    client = LLMClient(backend, cache_path=tmp_path / "cache.jsonl")
     assert asyncio.run(client.chat(req("x"))).content == "hello x"
     assert client.stats.retries == 2 and client.stats.requests == 1
     # Same request again: served from the cache, also by a new client reading the cache file.
@@ -51,13 +52,13 @@ def test_retries_transient_then_succeeds_and_caches(tmp_path):
 
 
 def test_gives_up_after_max_retries_and_permanent_errors_fail_at_once():
-    backend = ScriptedBackend(lambda r: TransientError("down"))
-    client = LLMClient(backend, max_retries=2, backoff_s=0.001)
+    backend = ScriptedBackend(lambda r: TransientError("down"), RetryPolicy(max_retries=2, backoff_s=0.001))
+    client = LLMClient(backend)
     with pytest.raises(LLMError, match="gave up after 3 attempts"):
         asyncio.run(client.chat(req("x")))
     assert backend.calls == 3 and client.stats.failures == 1
-    backend = ScriptedBackend(lambda r: LLMError("HTTP 400"))
-    client = LLMClient(backend, max_retries=5, backoff_s=0.001)
+    backend = ScriptedBackend(lambda r: LLMError("HTTP 400"), RetryPolicy(max_retries=5, backoff_s=0.001))
+    client = LLMClient(backend)
     with pytest.raises(LLMError, match="400"):
         asyncio.run(client.chat(req("x")))
     assert backend.calls == 1
@@ -65,16 +66,18 @@ def test_gives_up_after_max_retries_and_permanent_errors_fail_at_once():
 
 def test_concurrency_is_bounded():
     state = {"now": 0, "peak": 0}
+    lock = threading.Lock()
 
-    class Slow:
-        async def complete(self, r):
+    def slow(r):
+        with lock:
             state["now"] += 1
             state["peak"] = max(state["peak"], state["now"])
-            await asyncio.sleep(0.01)
+        time.sleep(0.02)
+        with lock:
             state["now"] -= 1
-            return ChatResponse("ok")
+        return ChatResult("ok")
 
-    client = LLMClient(Slow(), concurrency=3)
+    client = LLMClient(ScriptedBackend(slow), concurrency=3)
 
     async def main():
         await asyncio.gather(*(client.chat(req(str(i))) for i in range(20)))
@@ -181,13 +184,25 @@ def flaky_server():
     thread.join(timeout=10)
 
 
-def test_openai_backend_retries_5xx_and_reads_tool_calls(flaky_server):
-    client = LLMClient(OpenAIBackend(flaky_server), backoff_s=0.001)
+def test_endpoint_backend_retries_5xx_and_reads_tool_calls(flaky_server):
+    client = LLMClient(EndpointBackend(flaky_server, "m", retry=RetryPolicy(max_retries=2, backoff_s=0.001)))
     r = asyncio.run(client.chat(req("hi")))
     assert r.content == "echo hi" and client.stats.retries == 1 and client.stats.prompt_tokens == 5
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     r = asyncio.run(client.chat(req("weather", tools=tools)))
-    assert r.tool_calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert (r.tool_calls[0].name, r.tool_calls[0].arguments) == ("get_weather", '{"city": "Oslo"}')
     assert r.message()["tool_calls"][0]["id"] == "functions.get_weather:0"
-    with pytest.raises(LLMError, match="HTTP 400"):
+    assert r.finish_reason == "tool_calls"
+    with pytest.raises(LLMError, match="http_400"):
         asyncio.run(client.chat(req("bad")))
+    assert client.stats.failures == 1
+
+
+def test_request_body_leaves_unset_fields_to_the_server():
+    body = ChatRequest([{"role": "user", "content": "x"}], max_tokens=None, seed=None).body("m")
+    assert body == {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0.0}
+    full = ChatRequest(
+        [], tool_choice="required", top_p=0, parallel_tool_calls=False, logit_bias={"5": 1.0}, stream=True
+    ).body("m")
+    assert full["parallel_tool_calls"] is False and full["top_p"] == 0 and full["stream"] is True
+    assert full["logit_bias"] == {"5": 1.0} and full["tool_choice"] == "required"

@@ -199,11 +199,17 @@ def _error(server, body, path="/v1/chat/completions", raw=None) -> tuple[int, di
     "body,param",
     [
         ({"model": MODEL, "messages": USER, "temperature": 5}, "temperature"),
-        ({"model": MODEL, "messages": USER, "top_p": 0}, "top_p"),
+        ({"model": MODEL, "messages": USER, "top_p": 1.5}, "top_p"),
+        ({"model": MODEL, "messages": USER, "max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"model": MODEL, "messages": USER, "seed": 2**64}, "seed"),
+        ({"model": MODEL, "messages": USER, "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"model": MODEL, "messages": USER, "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"model": MODEL, "messages": USER, "parallel_tool_calls": "no"}, "parallel_tool_calls"),
         ({"model": MODEL, "messages": USER, "max_tokens": 0}, "max_tokens"),
         ({"model": MODEL, "messages": USER, "n": 99}, "n"),
         ({"model": MODEL, "messages": []}, "messages"),
-        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"model": MODEL, "messages": [USER[0], {"role": "user", "content": 5}]}, "messages[1]"),
         ({"model": MODEL, "messages": USER, "tool_choice": "required"}, "tool_choice"),
         (
             {
@@ -211,7 +217,7 @@ def _error(server, body, path="/v1/chat/completions", raw=None) -> tuple[int, di
                 "messages": USER,
                 "tools": [{"type": "function", "function": {"name": "bad name!"}}],
             },
-            None,
+            "tools[0]",
         ),
         (
             {
@@ -221,7 +227,7 @@ def _error(server, body, path="/v1/chat/completions", raw=None) -> tuple[int, di
                     {"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}
                 ],
             },
-            None,
+            "tools[0]",
         ),
         ({"model": MODEL, "messages": USER, "response_format": {"type": "xml"}}, "response_format"),
     ],
@@ -356,3 +362,56 @@ def test_openk2_serve_compile_cli(tmp_path):
             c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices
         )
     assert whole == streamed == want
+
+
+# ---------------------------------------------------------------------------------------------------
+# The chat layer's request semantics, without HTTP (the openai-client versions: test_eval_parity.py)
+
+
+def test_messages_are_normalised_before_rendering():
+    from openk2.serve.openai_chat import RequestError, normalize_messages
+
+    call = {"id": "search:0", "type": "function", "function": {"name": "search", "arguments": "{}"}}
+    kept = {"id": "functions.get_weather:7", "type": "function", "function": {"name": "get_weather"}}
+    messages = [
+        {"role": "developer", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [call, kept]},
+        {"role": "tool", "tool_call_id": "search:0", "content": "r0"},
+        {"role": "tool", "tool_call_id": "functions.get_weather:7", "content": "r1"},
+    ]
+    out, n_calls = normalize_messages(messages)
+    assert out[0]["role"] == "system" and messages[0]["role"] == "developer"  # the caller's list is kept
+    assert [c["id"] for c in out[2]["tool_calls"]] == ["functions.search:0", "functions.get_weather:7"]
+    assert [m["tool_call_id"] for m in out[3:]] == ["functions.search:0", "functions.get_weather:7"]
+    assert n_calls == 2
+    for bad, param in [
+        ([{"role": "tool", "tool_call_id": "x", "content": ""}], "messages[0].tool_call_id"),
+        ([{"role": "user", "content": "q"}, {"role": "tool", "content": ""}], "messages[1].tool_call_id"),
+        ([{"role": "assistant", "tool_calls": [{"function": {}}]}], "messages[0].tool_calls[0]"),
+        ([{"role": "assistant", "tool_calls": "no"}], "messages[0].tool_calls"),
+        (["hi"], "messages[0]"),
+        ([], "messages"),
+    ]:
+        with pytest.raises(RequestError) as e:
+            normalize_messages(bad)
+        assert e.value.param == param and e.value.status == 400
+
+
+def test_top_p_zero_is_greedy_and_logit_bias_moves_the_choice():
+    from openk2.serve.sampling import SamplingParams, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    best = logits.argmax(-1).tolist()
+    hot = [SamplingParams(temperature=2.0, top_p=0.0).validate(50) for _ in range(4)]
+    for _ in range(5):
+        assert sample(logits, hot, [None] * 4, [None] * 4)[0] == best
+    biased = [SamplingParams(temperature=0.0, logit_bias={7: 100.0}).validate(50)] * 4
+    tokens, _ = sample(logits, biased, [None] * 4, [None] * 4)
+    assert tokens == [7] * 4
+    banned = [SamplingParams(temperature=0.0, logit_bias={b: -100.0}, logprobs=True) for b in best]
+    tokens, records = sample(logits, banned, [None] * 4, [None] * 4)
+    assert all(t != b for t, b in zip(tokens, best))
+    # logprobs stay the model's own (before the bias)
+    assert records[0].logprob == pytest.approx(torch.log_softmax(logits[0], -1)[tokens[0]].item())

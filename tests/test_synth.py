@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
+from openk2.client import ChatResult, LLMClient, Rejected, ScriptedBackend, ToolCallOut
 from openk2.data.agents import Agent, Rubric, Task, make_agents, template_tasks
-from openk2.data.llm import ChatResponse, LLMClient, Rejected, ScriptedBackend
 from openk2.data.rephrase import Embedder, RephraseArgs, rephrase_document, split_chunks
 from openk2.data.tools import EvolveArgs, Tool, deduplicate, evolve_tools, validate_tool
 from openk2.data.trajectories import EpisodeConfig, Judge, LLMAgent, OracleAgent, ToolSimulator, run_episode
@@ -66,7 +66,7 @@ def test_rephrase_judge_and_math_mode(embedder):
     client = LLMClient(ScriptedBackend(model))
     with pytest.raises(Rejected, match="judge_unfaithful"):
         asyncio.run(rephrase_document(client, "m", DOC, RephraseArgs(mode="math", judge=True), embedder))
-    truncated = LLMClient(ScriptedBackend(lambda r: ChatResponse("cut", finish_reason="length")))
+    truncated = LLMClient(ScriptedBackend(lambda r: ChatResult("cut", finish_reason="length")))
     with pytest.raises(Rejected, match="truncated"):
         asyncio.run(rephrase_document(truncated, "t", DOC, RephraseArgs(), Embedder(lexical=True)))
 
@@ -168,12 +168,7 @@ def test_llm_episode_passes_and_is_k2_renderable():
             return '{"score": 9, "reason": "correct"}'
         if r.messages[-1]["role"] == "tool":
             return "It is 3 °C and snowing in Oslo."
-        call = {
-            "id": "x",
-            "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
-        }
-        return ChatResponse("", [call], "tool_calls")
+        return ChatResult("", [ToolCallOut("x", "get_weather", '{"city": "Oslo"}')], "tool_calls")
 
     client = LLMClient(ScriptedBackend(model))
     cfg = EpisodeConfig(error_rate=0, partial_rate=0, edge_rate=0)

@@ -17,7 +17,7 @@ import random
 import re
 from dataclasses import asdict, dataclass, field
 
-from openk2.data.llm import ChatRequest, LLMClient, Rejected, extract_json
+from openk2.client import ChatRequest, LLMClient, Rejected, extract_json
 from openk2.data.tools import Tool
 
 

@@ -13,7 +13,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from openk2.data.llm import LLMClient, ScriptedBackend, make_client, read_jsonl, run_jsonl
+from openk2.client import LLMClient, ScriptedBackend, make_backend, read_jsonl, run_jsonl
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +78,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _client(args) -> LLMClient:
     cache = args.cache or str(Path(args.out).with_suffix(".cache.jsonl"))
-    return make_client(args.base_url, args.model, args.checkpoint, args.concurrency, cache, args.api_key)
+    if (args.base_url is None) == (args.checkpoint is None):
+        raise ValueError("give exactly one of --base-url (an OpenAI-compatible server) or --checkpoint")
+    backend = make_backend(
+        args.checkpoint,
+        args.base_url,
+        api_key=args.api_key,
+        served_model=args.model,
+        timeout=300.0,
+        max_retries=4,
+        concurrency=args.concurrency,
+    )
+    return LLMClient(backend, concurrency=args.concurrency, cache_path=cache)
 
 
 def _documents(path: str) -> list[dict]:

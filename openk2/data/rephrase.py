@@ -18,7 +18,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from openk2.data.llm import ChatRequest, LLMClient, Rejected, extract_json
+from openk2.client import ChatRequest, LLMClient, Rejected, extract_json
 
 STYLES = [
     "an encyclopedia entry",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jsonschema
 
-from openk2.data.llm import ChatRequest, LLMClient, Rejected, Stats, extract_json
+from openk2.client import ChatRequest, LLMClient, Rejected, Stats, extract_json
 
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 
@@ -115,7 +115,7 @@ def save_tools(tools: list[Tool], path: str | Path) -> None:
 
 
 def load_tools(path: str | Path) -> list[Tool]:
-    from openk2.data.llm import read_jsonl
+    from openk2.client import read_jsonl
 
     records = read_jsonl(path)
     if not records:

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import jsonschema
 
+from openk2.client import ChatRequest, ChatResult, LLMClient, LLMError, Rejected, ToolCallOut, extract_json
 from openk2.data.agents import Agent, Task
-from openk2.data.llm import ChatRequest, ChatResponse, LLMClient, LLMError, Rejected, extract_json
 from openk2.data.tools import MCPToolbox, Tool
 
 PERSONAS = [
@@ -251,9 +251,14 @@ class LLMAgent:
     def __init__(self, client: LLMClient, temperature: float = 0.6, seed: int = 0, max_tokens: int = 1024):
         self.client, self.temperature, self.seed, self.max_tokens = client, temperature, seed, max_tokens
 
-    async def act(self, agent: Agent, task: Task, messages: list[dict]) -> ChatResponse:
+    async def act(self, agent: Agent, task: Task, messages: list[dict]) -> ChatResult:
         req = ChatRequest(
-            messages, agent.openai_tools(), self.temperature, self.max_tokens, self.seed, tag="agent"
+            messages,
+            tools=agent.openai_tools(),
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            seed=self.seed,
+            tag="agent",
         )
         return await self.client.chat(req)
 
@@ -262,7 +267,7 @@ class OracleAgent:
     """Scripted agent for template tasks: calls the reference plan one step per turn, retries a call
     whose result is an error once, then reports every result to the user."""
 
-    async def act(self, agent: Agent, task: Task, messages: list[dict]) -> ChatResponse:
+    async def act(self, agent: Agent, task: Task, messages: list[dict]) -> ChatResult:
         if not task.plan:
             raise ValueError(f"task {task.id} has no reference plan; the oracle agent needs template tasks")
         results = [m for m in messages if m["role"] == "tool"]
@@ -283,7 +288,7 @@ class OracleAgent:
                 summary.append(f"{name} failed: {body}")
             else:
                 summary.append(f"{name} returned {body}")
-        return ChatResponse(content="Here is what I did. " + " ".join(summary))
+        return ChatResult(content="Here is what I did. " + " ".join(summary), finish_reason="stop")
 
 
 def _failed(tool_message: dict) -> bool:
@@ -295,13 +300,10 @@ def _failed(tool_message: dict) -> bool:
     return isinstance(out, dict) and ("error" in out or out.get("returncode", 0) != 0)
 
 
-def _call(step: dict, index: int, content: str) -> ChatResponse:
-    call = {
-        "id": f"functions.{step['name']}:{index}",
-        "type": "function",
-        "function": {"name": step["name"], "arguments": json.dumps(step["arguments"], ensure_ascii=False)},
-    }
-    return ChatResponse(content=content, tool_calls=[call], finish_reason="tool_calls")
+def _call(step: dict, index: int, content: str) -> ChatResult:
+    arguments = json.dumps(step["arguments"], ensure_ascii=False)
+    call = ToolCallOut(f"functions.{step['name']}:{index}", step["name"], arguments)
+    return ChatResult(content=content, tool_calls=[call], finish_reason="tool_calls")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -423,10 +425,9 @@ async def run_episode(
         if resp.tool_calls:
             msg["tool_calls"] = []
             for c in resp.tool_calls:
-                name = c["function"]["name"]
-                call_id = f"functions.{name}:{n_calls}"  # K2 ids count calls across the conversation
+                call_id = f"functions.{c.name}:{n_calls}"  # K2 ids count calls across the conversation
                 n_calls += 1
-                msg["tool_calls"].append({"id": call_id, "type": "function", "function": dict(c["function"])})
+                msg["tool_calls"].append(ToolCallOut(call_id, c.name, c.arguments).to_openai())
         messages.append(msg)
         if resp.tool_calls:
             for c in msg["tool_calls"]:

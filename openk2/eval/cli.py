@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_task(args: argparse.Namespace) -> int:
-    from openk2.eval import backends
+    from openk2.client import make_backend
 
     temp = args.temperature if args.temperature is not None else 0.0
     run_kw = {"batch_size": args.batch_size, "restart": args.restart, "progress": not args.no_progress}
@@ -134,7 +134,7 @@ def _run_task(args: argparse.Namespace) -> int:
 
     backend = None
     if needs_model:
-        backend = backends.make_backend(
+        backend = make_backend(
             args.model,
             args.endpoint,
             api_key=args.api_key,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from openk2.eval.backends import Backend, ChatRequest
+from openk2.client import Backend, ChatRequest
 from openk2.eval.harness import Item, ResultStore, run_items
 from openk2.rl.env import Environment, Task, list_envs, make_env
 

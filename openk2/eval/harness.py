@@ -2,7 +2,8 @@
 
 A run is (task, model label, config). Its items are evaluated in batches; each finished item is
 appended to `results/<task>-<model>.jsonl` at once, so an interrupted run (Ctrl-C, a crash, a killed
-job) loses at most the batch in flight: rerunning the same command skips the items already recorded.
+job) loses at most the batch in flight: rerunning the same command skips the items already recorded
+(the file is read by the client package's `read_jsonl`, which also cuts a line a crash left half-written).
 The JSONL's first line holds the run's config; rerunning with a different config into the same file
 is refused rather than silently mixing two runs' items. When all items are done, the task's metrics
 are computed from the records and `results/<task>-<model>.json` gets config, metrics and records.
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from openk2.client.runner import read_jsonl
 
 
 @dataclass
@@ -54,29 +57,22 @@ class ResultStore:
         if restart or not self.jsonl_path.exists():
             self._write_header()
             return {}
-        done: dict[str, dict] = {}
-        with self.jsonl_path.open() as f:
-            lines = f.read().splitlines()
+        try:  # a line cut by a crash is dropped from the file, so the next append starts clean
+            lines = read_jsonl(self.jsonl_path, repair=True)
+        except ValueError as e:
+            raise ValueError(f"{e}; not a results file of this runner, use --restart") from None
         if not lines:
             self._write_header()
             return {}
-        try:
-            header = json.loads(lines[0])
-        except ValueError:
-            raise ValueError(f"{self.jsonl_path}: first line is not a run header; use --restart") from None
-        if not isinstance(header, dict) or header.get("config") != _jsonable(self.config):
+        header = lines[0]
+        if not isinstance(header, dict) or "config" not in header:
+            raise ValueError(f"{self.jsonl_path}: first line is not a run header; use --restart")
+        if header.get("config") != _jsonable(self.config):
             raise ValueError(
                 f"{self.jsonl_path} holds a run with another config ({json.dumps(header.get('config'))}); "
                 "use --restart to start over or --out to write elsewhere"
             )
-        for line in lines[1:]:
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue  # the line being written when the run was killed
-            if isinstance(rec, dict) and "id" in rec:
-                done[str(rec["id"])] = rec
-        return done
+        return {str(rec["id"]): rec for rec in lines[1:] if isinstance(rec, dict) and "id" in rec}
 
     def _write_header(self) -> None:
         header = {"task": self.task, "model": self.model, "config": _jsonable(self.config)}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from openk2.eval.backends import Backend, ChatRequest, CompletionRequest
+from openk2.client import Backend, ChatRequest, CompletionRequest
 from openk2.eval.harness import Item, ResultStore, run_items
 from openk2.rl.env import extract_code, pass_at_k
 from openk2.rl.envs.code import INSTRUCTION, check_many, completion_from_code, load_humaneval

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import jsonschema
 
-from openk2.eval.backends import Backend, ChatRequest, ChatResult
+from openk2.client import Backend, ChatRequest, ChatResult
 from openk2.eval.harness import Item, ResultStore, run_items
 
 CASES_PATH = Path(__file__).with_name("toolcall_cases.json")

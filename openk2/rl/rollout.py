@@ -65,10 +65,7 @@ def prompt_ids(tokenizer, task: Task, system_prompt: str | None) -> list[int]:
 def run_requests(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]):
     """Submit one request per prompt (each with its own params, hence its own seed) and step the
     engine until all are done. The trainer owns the engine: its background thread is not started."""
-    outs = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
-    while not all(o.finished for o in outs):
-        engine.step()
-    return outs
+    return engine.generate(prompts, params)
 
 
 class RolloutWorker:

@@ -1,39 +1,38 @@
 """OpenAI-compatible HTTP API over an `Engine`: /v1/models, /v1/chat/completions, /v1/completions,
 /health.
 
-Requests are parsed by hand into `SamplingParams` rather than through a pydantic model, so that every
-bad input becomes OpenAI's error shape `{"error": {"message", "type", "param", "code"}}` with a 4xx
-status and a message that names the field. Chat prompts are built by the chat template
-(`openk2.tokenizer.chat`) and tool calls are read back by its parser (`openk2.tokenizer.toolcalls`);
-this module never writes a K2 marker itself. `tool_choice` "required" or a named function is
-enforced with a grammar (constrained.py) unless the app was built with constrained_tools=False,
-"none" by banning the tokens that open a tool call. When tools are offered, special tokens other than
-the tool-call markers never reach the reply text.
+A chat request is validated and mapped onto the engine by `openk2.serve.openai_chat` (the one place
+that maps the OpenAI chat API, also used by the in-process client backend), and its output is turned
+back into messages and deltas there; this module adds HTTP: the body, ids, usage, logprobs and the
+event stream. Every bad input becomes OpenAI's error shape `{"error": {"message", "type", "param",
+"code"}}` with a 4xx status and the `param` that is wrong; this module never writes a K2 marker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import jsonschema
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from openk2.serve.cache import ContextLengthError
 from openk2.serve.engine import Engine, EngineFullError, StreamEvent
-from openk2.serve.sampling import K2_DEFAULT_TEMPERATURE, SamplingParams, TokenLogprob
-from openk2.tokenizer.chat import encode_chat
-from openk2.tokenizer.toolcalls import StreamingToolCallParser, assistant_message, parse_tool_calls
-
-TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+from openk2.serve.openai_chat import (
+    RequestError,
+    check_fits,
+    field_of,
+    include_usage,
+    prepare_chat,
+    response_format_grammar,
+    sampling_params,
+)
+from openk2.serve.sampling import SamplingParams, TokenLogprob
 
 
 class APIError(Exception):
@@ -50,104 +49,6 @@ class APIError(Exception):
 
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
-
-
-# ---------------------------------------------------------------------------------------------- parsing
-def _get(body: dict, key: str, types: type | tuple, default: Any = None) -> Any:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
-        raise APIError(400, f"'{key}' has the wrong type: {type(value).__name__}", key)
-    if not isinstance(value, types):
-        raise APIError(400, f"'{key}' has the wrong type: {type(value).__name__}", key)
-    return value
-
-
-def _check_tools(tools: Any) -> list[dict] | None:
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
-        raise APIError(400, "'tools' must be a list", "tools")
-    names = set()
-    for i, t in enumerate(tools):
-        where = f"tools[{i}]"
-        if (
-            not isinstance(t, dict)
-            or t.get("type", "function") != "function"
-            or not isinstance(t.get("function"), dict)
-        ):
-            raise APIError(400, f"{where} must be {{'type': 'function', 'function': {{...}}}}", where)
-        fn = t["function"]
-        name = fn.get("name")
-        if not isinstance(name, str) or not TOOL_NAME.match(name):
-            raise APIError(400, f"{where}.function.name must match {TOOL_NAME.pattern}, got {name!r}", where)
-        if name in names:
-            raise APIError(400, f"{where}: duplicate tool name {name!r}", where)
-        names.add(name)
-        schema = fn.get("parameters")
-        if schema is not None:
-            if not isinstance(schema, dict):
-                raise APIError(400, f"{where}.function.parameters must be a JSON schema object", where)
-            try:
-                jsonschema.validators.validator_for(schema).check_schema(schema)
-            except jsonschema.SchemaError as e:
-                message = f"{where}.function.parameters is not a valid JSON schema: {e.message}"
-                raise APIError(400, message, where) from None
-    return tools or None
-
-
-def _tool_choice(value: Any, tools: list[dict] | None) -> str | None:
-    """-> "auto" | "none" | "required" | a function name."""
-    if value is None:
-        return "auto" if tools else "none"
-    if value in ("auto", "none", "required"):
-        if value == "required" and not tools:
-            raise APIError(400, "tool_choice 'required' needs tools", "tool_choice")
-        return value
-    if isinstance(value, dict) and isinstance(value.get("function"), dict):
-        name = value["function"].get("name")
-        if not tools or name not in {t["function"]["name"] for t in tools}:
-            raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", "tool_choice")
-        return name
-    raise APIError(400, "tool_choice must be 'auto', 'none', 'required' or a named function", "tool_choice")
-
-
-def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
-    for key in ("presence_penalty", "frequency_penalty"):
-        if body.get(key):
-            raise APIError(400, f"'{key}' is not supported (only 0)", key)
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise APIError(400, "'stop' must be a string or a list of strings", "stop")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    params = SamplingParams(
-        max_tokens=default_max_tokens if max_tokens is None else max_tokens,
-        temperature=_get(body, "temperature", (int, float), K2_DEFAULT_TEMPERATURE),
-        top_p=_get(body, "top_p", (int, float), 1.0),
-        top_k=_get(body, "top_k", int, 0),
-        seed=_get(body, "seed", int),
-        stop=[s for s in stop or [] if s],
-        n=_get(body, "n", int, 1),
-        ignore_eos=_get(body, "ignore_eos", bool, False),
-    )
-    try:
-        return params.validate(1 << 62)
-    except ValueError as e:
-        raise APIError(400, str(e), str(e).split(" ")[0]) from None
-
-
-def _stream_options(body: dict) -> bool:
-    opts = body.get("stream_options")
-    if opts is None:
-        return False
-    if not isinstance(opts, dict):
-        raise APIError(400, "'stream_options' must be an object", "stream_options")
-    if not body.get("stream"):
-        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
-    return bool(opts.get("include_usage"))
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -173,6 +74,10 @@ def create_app(
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
         return error_response(e)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, e: RequestError):
+        return error_response(APIError(e.status, e.message, e.param, e.code))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
@@ -200,14 +105,6 @@ def create_app(
             message = f"the model '{model}' does not exist; this server serves '{model_name}'"
             raise APIError(404, message, "model", "model_not_found")
         return body
-
-    def submit_check(prompt: list[int], params: SamplingParams) -> None:
-        try:
-            engine.check(prompt, params)
-        except ContextLengthError as e:
-            raise APIError(400, str(e), "messages", "context_length_exceeded") from None
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
 
     async def events(
         prompts: list[list[int]], params: SamplingParams
@@ -299,38 +196,8 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' must be a non-empty list", "messages")
-        tools = _check_tools(body.get("tools"))
-        choice = _tool_choice(body.get("tool_choice"), tools)
-        try:
-            prompt = encode_chat(tokenizer, messages, tools=tools, add_generation_prompt=True).ids
-        except (ValueError, KeyError, TypeError) as e:
-            raise APIError(400, f"invalid messages: {e}", "messages") from None
-        params = _sampling(body, max(1, engine.max_seq_len - len(prompt) + 1))
-        params.logprobs = bool(_get(body, "logprobs", bool, False))
-        params.top_logprobs = _get(body, "top_logprobs", int, 0)
-        if params.top_logprobs and not params.logprobs:
-            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        if tools is not None:  # the parser needs the markers; any other special token stays out
-            params.keep_special_token_ids = tokenizer.tool_call_marker_ids
-        try:
-            if choice == "none" and tools:
-                params.banned_token_ids = [
-                    tokenizer.tool_calls_section_begin_id,
-                    tokenizer.tool_call_begin_id,
-                ]
-            elif choice == "required" and constrained_tools:
-                params.grammar = grammars.tool_calls(tools)
-            elif choice not in ("auto", "none", "required") and constrained_tools:
-                params.grammar = grammars.tool_calls(tools, name=choice)
-            elif choice in ("auto", "none"):
-                params.grammar = _response_format(body.get("response_format"), grammars)
-        except ValueError as e:
-            raise APIError(400, str(e), "tools" if tools else "response_format") from None
-        submit_check(prompt, params)
-        include_usage = _stream_options(body)
+        plan = prepare_chat(body, engine, constrained_tools)
+        prompt, params = plan.prompt, plan.params
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": model_name}
 
@@ -338,14 +205,7 @@ def create_app(
             results = await collect(request, [prompt], params)
             choices = []
             for i, r in enumerate(results):
-                finish = r["finish"]
-                if tools is not None:
-                    parsed = parse_tool_calls(r["text"], tools)
-                    message = assistant_message(parsed)
-                    if parsed.tool_calls and finish == "stop":
-                        finish = "tool_calls"
-                else:
-                    message = {"role": "assistant", "content": r["text"]}
+                message, finish = plan.reply(r["text"], r["finish"])
                 lp = chat_logprobs(r["logprobs"]) if params.logprobs else None
                 choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
             n_out = sum(len(r["tokens"]) for r in results)
@@ -364,7 +224,7 @@ def create_app(
                     + "\n\n"
                 )
 
-            parsers = [StreamingToolCallParser(tools) if tools is not None else None for _ in range(params.n)]
+            replies = [plan.stream() for _ in range(params.n)]
             n_out = 0
             for i in range(params.n):
                 role = {"role": "assistant", "content": ""}
@@ -372,13 +232,8 @@ def create_app(
             try:
                 async for _, ev in events([prompt], params):
                     n_out += len(ev.token_ids)
-                    parser = parsers[ev.index]
-                    if parser is not None:
-                        deltas = [d.to_openai() for d in parser.feed(ev.text)]
-                        if ev.finish_reason:
-                            deltas += [d.to_openai() for d in parser.finish()]
-                    else:
-                        deltas = [{"content": ev.text}] if ev.text else []
+                    reply = replies[ev.index]
+                    deltas = reply.feed(ev.text, finished=ev.finish_reason is not None)
                     lp = chat_logprobs(ev.logprobs) if params.logprobs and ev.logprobs else None
                     if lp is not None and not deltas:
                         deltas = [{"content": ""}]
@@ -386,15 +241,13 @@ def create_app(
                         yield chunk([{"index": ev.index, "delta": d, "logprobs": lp, "finish_reason": None}])
                         lp = None
                     if ev.finish_reason:
-                        finish = ev.finish_reason
-                        if parser is not None and parser.result().tool_calls and finish == "stop":
-                            finish = "tool_calls"
+                        finish = reply.finish_reason(ev.finish_reason)
                         yield chunk(
                             [{"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": finish}]
                         )
             except APIError as e:
                 yield "data: " + json.dumps(e.body()) + "\n\n"
-            if include_usage:
+            if plan.include_usage:
                 yield chunk([], usage=usage(len(prompt), n_out))
             yield "data: [DONE]\n\n"
 
@@ -407,19 +260,19 @@ def create_app(
         for key in ("suffix", "best_of"):
             if body.get(key) not in (None, 1) or (key == "suffix" and body.get(key)):
                 raise APIError(400, f"'{key}' is not supported", key)
-        echo = bool(_get(body, "echo", bool, False))
-        params = _sampling(body, 16)
-        top = _get(body, "logprobs", int)
+        echo = bool(field_of(body, "echo", bool, False))
+        params = sampling_params(body, 16, engine.vocab_size)
+        top = field_of(body, "logprobs", int)
         if top is not None:
             if not 0 <= top <= 20:
                 raise APIError(400, "'logprobs' must be in [0, 20]", "logprobs")
             params.logprobs, params.top_logprobs = True, top
             if echo:
                 raise APIError(400, "'echo' together with 'logprobs' is not supported", "echo")
-        params.grammar = _response_format(body.get("response_format"), grammars)
+        params.grammar = response_format_grammar(body.get("response_format"), grammars)
         for p in prompts:
-            submit_check(p, params)
-        include_usage = _stream_options(body)
+            check_fits(engine, p, params, "prompt")
+        usage_wanted = include_usage(body)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": model_name}
         n_prompt = sum(len(p) for p in prompts)
@@ -467,42 +320,13 @@ def create_app(
                         yield "data: " + json.dumps({**head, "choices": [c]}) + "\n\n"
             except APIError as e:
                 yield "data: " + json.dumps(e.body()) + "\n\n"
-            if include_usage:
+            if usage_wanted:
                 yield "data: " + json.dumps({**head, "choices": [], "usage": usage(n_prompt, n_out)}) + "\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
     return app
-
-
-def _response_format(fmt: Any, grammars) -> str | None:
-    if fmt is None:
-        return None
-    if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
-        raise APIError(
-            400, "response_format.type must be 'text', 'json_object' or 'json_schema'", "response_format"
-        )
-    if fmt["type"] == "text":
-        return None
-    try:
-        if fmt["type"] == "json_object":
-            return grammars.json_object()
-        spec = fmt.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise APIError(
-                400, "response_format.json_schema must be {'name': ..., 'schema': {...}}", "response_format"
-            )
-        schema = spec.get("schema") or {"type": "object"}
-        try:
-            jsonschema.validators.validator_for(schema).check_schema(schema)
-        except jsonschema.SchemaError as e:
-            raise APIError(
-                400, f"response_format schema is invalid: {e.message}", "response_format"
-            ) from None
-        return grammars.json_schema(schema)
-    except ValueError as e:
-        raise APIError(400, str(e), "response_format") from None
 
 
 def _completion_prompts(prompt: Any, tokenizer) -> list[list[int]]:

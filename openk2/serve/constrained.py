@@ -56,9 +56,17 @@ class GrammarCompiler:
     def json_object(self) -> str:
         return self.json_schema({"type": "object"})
 
-    def tool_calls(self, tools: list[dict], name: str | None = None) -> str:
-        """A tool-call section with 1..MAX_FORCED_CALLS calls of the offered tools (or exactly one call
-        of `name`), each call's arguments valid against that tool's parameters schema."""
+    def tool_calls(
+        self,
+        tools: list[dict],
+        name: str | None = None,
+        max_calls: int = MAX_FORCED_CALLS,
+        first_index: int = 0,
+    ) -> str:
+        """A tool-call section with 1..max_calls calls of the offered tools (exactly one call when
+        `name` is given, and then of that tool), each call's arguments valid against its tool's
+        parameters schema. Call ids count on from `first_index` (the calls earlier in the
+        conversation), as K2 numbers them."""
         by_name = {
             t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools
         }
@@ -66,6 +74,8 @@ class GrammarCompiler:
             if name not in by_name:
                 raise ValueError(f"tool_choice names function {name!r}, which is not among the tools")
             by_name = {name: by_name[name]}
+        if not 1 <= max_calls <= MAX_FORCED_CALLS:
+            raise ValueError(f"max_calls must be in [1, {MAX_FORCED_CALLS}], got {max_calls}")
         before_first, between_id_args, between_calls, after_last = self._wire
         schemas = [_styled(schema) for schema in by_name.values()]
         rules = [f"args_{k}: %json {json.dumps(schema)}" for k, schema in enumerate(schemas)]
@@ -73,12 +83,12 @@ class GrammarCompiler:
         def call(i: int) -> str:
             alternatives = []
             for k, fn in enumerate(by_name):
-                call_id = chat.tool_call_id({"function": {"name": fn}}, i)
+                call_id = chat.tool_call_id({"function": {"name": fn}}, first_index + i)
                 alternatives.append(f"{json.dumps(call_id)} {between_id_args} args_{k}")
             return "(" + " | ".join(alternatives) + ")"
 
-        n_calls = 1 if name is not None else MAX_FORCED_CALLS
-        # Unrolled so that call i carries the id suffix :i, as the template numbers them.
+        n_calls = 1 if name is not None else max_calls
+        # Unrolled so that each call carries its own id suffix.
         body = ""
         for i in reversed(range(1, n_calls)):
             body = f"({between_calls} {call(i)} {body})?"

@@ -241,15 +241,19 @@ class Engine:
             self._cv.notify()
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+        on_events: list[Callable[[StreamEvent], None] | None] | None = None,
     ) -> list[RequestOutput]:
         """Run prompts to completion, batched; blocks. Works with or without the background thread.
-        params: one for all prompts, or one per prompt."""
+        params: one for all prompts, or one per prompt; on_events: an optional callback per prompt."""
         if not isinstance(params, list):
             params = [params] * len(prompts)
         elif len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        reqs = [self._submit(p, sp, None, None) for p, sp in zip(prompts, params)]
+        callbacks = on_events or [None] * len(prompts)
+        reqs = [self._submit(p, sp, cb, None) for p, sp, cb in zip(prompts, params, callbacks)]
         if self._thread is not None:
             for r in reqs:
                 r.done.wait()

@@ -5,6 +5,10 @@ the API boundary instead of a NaN deep inside a decode step. The sampler works o
 batch at once (temperature, top-k and top-p are per-row tensors, one exponential race draws every
 row). A seeded request owns a `torch.Generator` for its noise, so it gives the same tokens whether it
 runs alone or next to fifteen others.
+
+`top_p` 0 keeps only the most likely token, which is greedy decoding (as OpenAI's API treats it);
+`logit_bias` adds a value in [-100, 100] to chosen tokens' logits before everything else that picks
+the token (temperature, top-k/p, grammar masks); logprobs stay those of the unbiased model.
 """
 
 from __future__ import annotations
@@ -17,6 +21,16 @@ K2_DEFAULT_TEMPERATURE = 0.6  # Kimi K2's recommended sampling temperature
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 16
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on the number of biased tokens
+SEED_RANGE = (-(2**63), 2**63)  # int64, what torch.Generator.manual_seed takes (after + index)
+
+
+class InvalidSamplingParam(ValueError):
+    """A sampling value out of range; `param` is the field's name (for an API error's `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -36,13 +50,14 @@ class SamplingParams:
     keep_special_token_ids: list[int] = field(default_factory=list)  # kept anyway: tool-call markers
     grammar: str | None = None  # llguidance grammar (see constrained.py); None = unconstrained
     banned_token_ids: list[int] = field(default_factory=list)  # never sampled (tool_choice "none")
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     def validate(self, vocab_size: int) -> SamplingParams:
-        """Raise ValueError naming the offending field; returns self so calls chain."""
+        """Raise InvalidSamplingParam naming the offending field; returns self so calls chain."""
 
-        def need(ok: bool, message: str) -> None:
+        def need(ok: bool, param: str, message: str) -> None:
             if not ok:
-                raise ValueError(message)
+                raise InvalidSamplingParam(param, message)
 
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -52,30 +67,63 @@ class SamplingParams:
 
         need(
             is_int(self.max_tokens) and self.max_tokens >= 1,
+            "max_tokens",
             f"max_tokens must be >= 1, got {self.max_tokens!r}",
         )
         need(
             is_num(self.temperature) and 0 <= self.temperature <= 2,
+            "temperature",
             f"temperature must be in [0, 2], got {self.temperature!r}",
         )
-        need(is_num(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
-        need(is_int(self.top_k) and self.top_k >= -1, f"top_k must be -1, 0 or positive, got {self.top_k!r}")
-        need(self.seed is None or is_int(self.seed), f"seed must be an integer, got {self.seed!r}")
-        need(is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be in [1, {MAX_N}], got {self.n!r}")
+        need(
+            is_num(self.top_p) and 0 <= self.top_p <= 1,
+            "top_p",
+            f"top_p must be in [0, 1], got {self.top_p!r}",
+        )
+        need(
+            is_int(self.top_k) and self.top_k >= -1,
+            "top_k",
+            f"top_k must be -1, 0 or positive, got {self.top_k!r}",
+        )
+        need(
+            self.seed is None or (is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1]),
+            "seed",
+            f"seed must be an integer in [-2**63, 2**63), got {self.seed!r:.40}",
+        )
+        need(is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"n must be in [1, {MAX_N}], got {self.n!r}")
         need(
             is_int(self.top_logprobs) and 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS,
+            "top_logprobs",
             f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs!r}",
         )
         need(
             isinstance(self.stop, list) and all(isinstance(s, str) and s for s in self.stop),
+            "stop",
             "stop must be a list of non-empty strings",
         )
-        need(len(self.stop) <= MAX_STOP, f"at most {MAX_STOP} stop strings, got {len(self.stop)}")
+        need(
+            len(self.stop) <= MAX_STOP, "stop", f"stop takes at most {MAX_STOP} strings, got {len(self.stop)}"
+        )
         for name in ("stop_token_ids", "banned_token_ids", "keep_special_token_ids"):
             ids = getattr(self, name)
             need(
                 isinstance(ids, list) and all(is_int(i) and 0 <= i < vocab_size for i in ids),
+                name,
                 f"{name} must be token ids in [0, {vocab_size})",
+            )
+        bias = self.logit_bias
+        need(isinstance(bias, dict), "logit_bias", "logit_bias must map token ids to numbers")
+        need(len(bias) <= MAX_LOGIT_BIAS, "logit_bias", f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens")
+        for tok, value in bias.items():
+            need(
+                is_int(tok) and 0 <= tok < vocab_size,
+                "logit_bias",
+                f"logit_bias keys must be token ids in [0, {vocab_size}), got {tok!r:.40}",
+            )
+            need(
+                is_num(value) and -100 <= value <= 100,
+                "logit_bias",
+                f"logit_bias values must be numbers in [-100, 100], got {value!r:.40}",
             )
         return self
 
@@ -108,6 +156,12 @@ def sample(
     logits = logits.float()
     want_lp = [p.logprobs or p.top_logprobs > 0 for p in params]
     logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
+    if any(p.logit_bias for p in params):
+        logits = logits.clone()
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), device=logits.device)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
     if any(m is not None for m in masks):
         everything = torch.ones_like(logits[0], dtype=torch.bool)
         allowed = torch.stack([everything if m is None else m.to(logits.device) for m in masks])
@@ -144,7 +198,8 @@ def _draw(
     sub = sub / temps.unsqueeze(-1)
     if any(params[i].top_k > 0 or params[i].top_p < 1 for i in rows):
         top_k = torch.tensor([params[i].top_k for i in rows], device=logits.device)
-        top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
+        # top_p 0 keeps the best token only: the smallest positive value has the same effect here
+        top_p = torch.tensor([max(params[i].top_p, 1e-12) for i in rows], device=logits.device)
         sub = _top_k_top_p(sub, top_k, top_p)
     probs = torch.softmax(sub, dim=-1)
     noise = torch.empty_like(probs)

@@ -44,7 +44,7 @@ class Packed:
 def load_conversations(path: str | Path) -> list[dict]:
     """Chat JSONL: one {"messages": [...], "tools": [...]?} per line (what `openk2 synth trajectories`
     writes; OpenAI-shaped messages)."""
-    from openk2.data.llm import read_jsonl
+    from openk2.client import read_jsonl
 
     path = Path(path)
     if not path.is_file():
