@@ -1,6 +1,6 @@
 """`openk2 eval TASK --model CHECKPOINT | --endpoint URL` and `openk2 eval compare A.json B.json ...`.
 
-Tasks: humaneval, perplexity, gym, toolcall. Each run writes results/<task>-<model>.json (config,
+Tasks: humaneval, perplexity, gym, toolcall, safety. Each run writes results/<task>-<model>.json (config,
 metrics, per-item records), a .md table next to it, and a .jsonl of per-item records as it goes;
 rerunning the same command resumes where an interrupted run stopped.
 """
@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from openk2.eval.harness import ResultStore, compare_table, load_result, result_table
 
-TASKS = ("humaneval", "perplexity", "gym", "toolcall", "compare")
+TASKS = ("humaneval", "perplexity", "gym", "toolcall", "safety", "compare")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tc.add_argument("--cases", help="suite JSON (default: the shipped toolcall_cases.json)")
     tc.add_argument("--only", nargs="+", help="case ids or id prefixes")
     tc.add_argument("--no-stream", action="store_true", help="skip the streamed half (no agreement metric)")
+    from openk2.eval import safety
+
+    safety.add_arguments(p)
 
 
 def _label(args: argparse.Namespace, backend) -> str:
@@ -179,6 +182,10 @@ def _run_task(args: argparse.Namespace) -> int:
             cfg.validate()
             store = ResultStore(args.out, "gym", label, {**asdict(cfg), **_source(args)})
             result = gym.run(backend, cfg, store, **run_kw)
+        elif args.task == "safety":
+            from openk2.eval import safety
+
+            return safety.run_cli(args, backend, label, _source(args), run_kw)
         else:
             from openk2.eval import toolcall_conformance as tcc
 
