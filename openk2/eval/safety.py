@@ -773,7 +773,8 @@ def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float] | Non
     p = k / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if k == 0 else lo), (1.0 if k == n else hi)  # exact at the ends, not 0.9999999
 
 
 def cell_stats(records: list[dict]) -> dict:
@@ -856,8 +857,7 @@ def plot_heatmap(result: dict, path: str | Path) -> Path:
             rate = m["cells"][c][s]["pass_rate"]
             grid[i, j] = np.nan if rate is None else rate
     fig, ax = plt.subplots(figsize=(1.45 * len(strats) + 2.4, 0.75 * len(cats) + 1.8))
-    cmap = matplotlib.colormaps["RdYlGn"].copy()
-    cmap.set_bad("#dddddd")
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")  # grey: nothing judged
     im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
     for i, c in enumerate(cats):
         for j, s in enumerate(strats):
