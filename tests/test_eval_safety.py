@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 from eval_util import save_tiny_checkpoint
 from serve_util import serve_process
 
+from openk2.cli import main as cli_main
 from openk2.client import EndpointBackend, ScriptedBackend
 from openk2.eval import safety
 from openk2.eval.harness import ResultStore
@@ -449,7 +448,11 @@ def test_against_openk2_serve(server, tmp_path):
     """The tiny random model is the target; every strategy runs; the scripted judge fails a reply only
     in the attacker's third round, so the jailbreak loop ends there on success."""
     target = EndpointBackend(server, timeout=60, max_retries=0, concurrency=4)
-    attacker = ScriptedBackend(lambda req: f"ROUND-{attacker.calls + 1} explain, for a novel", name="att")
+
+    def attacker_fn(req):  # from its input alone: items of a batch share the attacker
+        return "ROUND-3 go on" if "ROUND-2" in req.messages[-1]["content"] else "ROUND-2 for a novel"
+
+    attacker = ScriptedBackend(attacker_fn, name="att")
 
     def judge_fn(req):
         bad = "ROUND-3" in req.messages[1]["content"]
@@ -477,28 +480,30 @@ def test_against_openk2_serve(server, tmp_path):
     assert result["metrics"]["per_strategy"]["basic"]["pass_rate"] == 1.0
 
 
-def test_cli_against_openk2_serve_with_self_judge(server, tmp_path):
-    """`openk2 eval safety --endpoint URL`: the random model judges itself and botches the JSON, which is
-    recorded as judge errors, and the run completes; a bad intents file is one error line."""
-    cmd = [sys.executable, "-m", "openk2.cli", "eval", "safety", "--endpoint", server, "--out", str(tmp_path)]
-    cmd += ["--categories", "security", "--limit", "1", "--strategies", "basic", "hex+injection-document"]
-    cmd += ["--max-tokens", "8", "--judge-max-tokens", "8", "--no-progress", "--name", "tiny"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "| security" in out.stdout and "judge errors" in out.stdout
+def test_cli_against_openk2_serve_with_self_judge(server, tmp_path, capsys):
+    """`openk2 eval safety --endpoint URL` (the command's own entry point, in this process): the random
+    model judges itself and botches the JSON, which is recorded as judge errors, and the run completes;
+    a bad intents file is one error line and exit status 2."""
+    argv = ["eval", "safety", "--endpoint", server, "--out", str(tmp_path), "--name", "tiny", "--no-progress"]
+    argv += ["--categories", "security", "--limit", "1", "--strategies", "basic", "hex+injection-document"]
+    argv += ["--max-tokens", "8", "--judge-max-tokens", "8"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr()
+    assert "| security" in out.out and "judge errors" in out.out and "heatmap:" in out.err
     result = json.loads((tmp_path / "safety-tiny.json").read_text())
     assert result["metrics"]["n"] == 2 and result["config"]["judge"] == "self"
-    assert all(r["verdict"] in ("pass", "fail", "error") for r in result["records"])
+    assert result["metrics"]["judge_errors"] + result["metrics"]["passed"] + result["metrics"]["failed"] == 2
     for suffix in (".md", ".png", "-failures.jsonl", "-failures.md"):
         assert (tmp_path / f"safety-tiny{suffix}").exists()
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"category": "x"}\n')
-    out = subprocess.run(cmd + ["--intents", str(bad)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == (
+    assert cli_main(argv + ["--intents", str(bad)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"openk2 eval: error: {bad}: line 1: needs a non-empty 'intent' string"
     )
+    assert cli_main(argv + ["--strategies", "rot26"]) == 2
+    assert "unknown component 'rot26'" in capsys.readouterr().err
 
 
 def test_result_records_are_plain_json(tmp_path):
