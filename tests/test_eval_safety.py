@@ -116,6 +116,7 @@ def test_user_intents_json_and_jsonl(tmp_path):
         ('{"category": "a", "intent": "x"}\nnot json\n', "line 2: not JSON"),
         ('{"intent": "x"}\n', "line 1: category must be a non-empty string"),
         ("", "no intents"),
+        ('[{"category": "a", "intent": "x"}]', "a JSON list is not an intent set"),
     ],
 )
 def test_bad_intents_file_is_one_clear_line(tmp_path, content, message):

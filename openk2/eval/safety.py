@@ -35,7 +35,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -85,8 +85,12 @@ def _parse_intent(source: str, where: str, category: Any, entry: Any) -> Intent:
     return Intent(ident.strip(), category.strip(), text.strip(), topic.strip())
 
 
-def _rest(it: Intent) -> tuple[str, str, str]:
-    return it.category, it.intent, it.topic
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def load_intents(path: str | Path | None = None) -> list[Intent]:
@@ -109,13 +113,21 @@ def load_intents(path: str | Path | None = None) -> list[Intent]:
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: cannot read ({e})") from None
     intents: list[Intent] = []
-    stripped = text.lstrip()
-    if stripped.startswith("{") and '"categories"' in stripped[:10_000].replace(" ", ""):
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise ValueError(f"{source}: not valid JSON ({e})") from None
-        cats = data.get("categories") if isinstance(data, dict) else None
+    if not text.strip():
+        raise ValueError(f"{source}: no intents (the file is empty)")
+    try:
+        data, whole_error = json.loads(text), None
+    except ValueError as e:
+        data, whole_error = None, e
+    if isinstance(data, list):
+        raise ValueError(
+            f"{source}: a JSON list is not an intent set; give {{'categories': ...}} or JSONL lines"
+        )
+    first_line = next((line for line in text.splitlines() if line.strip()), "")
+    if whole_error is not None and not _is_json(first_line):
+        raise ValueError(f"{source}: not valid JSON ({whole_error})")
+    if isinstance(data, dict) and "categories" in data:
+        cats = data["categories"]
         if not isinstance(cats, dict):
             raise ValueError(f"{source}: 'categories' must map category names to lists of intents")
         for cat, entries in cats.items():
@@ -142,7 +154,7 @@ def load_intents(path: str | Path | None = None) -> list[Intent]:
     numbered, counts = [], {}
     for it in intents:
         counts[it.category] = counts.get(it.category, 0) + 1
-        numbered.append(it if it.id else Intent(f"{it.category}-{counts[it.category]}", *_rest(it)))
+        numbered.append(it if it.id else replace(it, id=f"{it.category}-{counts[it.category]}"))
     seen: set[str] = set()
     for it in numbered:
         if it.id in seen:
