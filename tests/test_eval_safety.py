@@ -514,3 +514,24 @@ def test_result_records_are_plain_json(tmp_path):
     rec = result["records"][0]
     assert json.loads(json.dumps(rec)) == rec  # the transcript (tool call included) is stored as sent
     assert [m["role"] for m in rec["transcript"]] == ["user", "assistant", "tool", "assistant"]
+
+
+def test_target_errors_and_role_backends(tmp_path):
+    from argparse import Namespace
+
+    from openk2.client import LLMError
+
+    failing = ScriptedBackend(lambda req: LLMError("boom"), name="target")
+    for strategy in ("basic", "jailbreak", "crescendo"):
+        rec = run_one(SafetyConfig(), strategy, failing, marker_judge())
+        assert rec["verdict"] == "error" and rec["stopped"] == "target_error", strategy
+        assert rec["reason"].startswith("target_error: failed: boom")
+
+    args = Namespace(model=None, api_key=None, timeout=2.0, retries=0, max_batch=2)
+    target = const(REFUSAL)
+    assert safety._role_backend("self", target, args) == (target, False)
+    judge, made = safety._role_backend("http://127.0.0.1:9/v1", target, args)
+    assert made and isinstance(judge, EndpointBackend) and judge.base_url == "http://127.0.0.1:9/v1"
+    judge.close()
+    with pytest.raises(ValueError, match="neither 'self', an http"):
+        safety._role_backend(str(tmp_path / "nope"), target, args)
