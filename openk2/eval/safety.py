@@ -641,14 +641,9 @@ def single_attack(cfg: SafetyConfig, intent: Intent, strategy: Strategy) -> Step
     probe = build_probe(strategy, intent.intent)
     reply = yield ("target", _target_request(cfg, probe))
     if reply.error is not None:
-        return _record(
-            intent,
-            strategy,
-            Verdict("error", f"target_error: {reply.error}"),
-            probe.messages,
-            [],
-            "target_error",
-        )
+        verdict = Verdict("error", f"target_error: {reply.error}")
+        attempts = [{"round": 1, "prompt": intent.intent, "reply": None, **_verdict_fields(verdict)}]
+        return _record(intent, strategy, verdict, probe.messages, attempts, "target_error")
     transcript = probe.messages + [reply.message()]
     verdict = yield from judge_steps(intent, strategy.name, transcript, cfg.judge_settings())
     attempts = [{"round": 1, "prompt": intent.intent, "reply": reply.content, **_verdict_fields(verdict)}]
