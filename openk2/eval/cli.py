@@ -1,6 +1,6 @@
 """`openk2 eval TASK --model CHECKPOINT | --endpoint URL` and `openk2 eval compare A.json B.json ...`.
 
-Tasks: humaneval, perplexity, gym, toolcall. Each run writes results/<task>-<label>.json (config,
+Tasks: humaneval, perplexity, gym, toolcall, safety. Each run writes results/<task>-<label>.json (config,
 metrics, per-item records), a .md table next to it, and a .jsonl of per-item records as it goes;
 rerunning the same command resumes where an interrupted run stopped. The default label is the model's
 name plus a hash of model and config, so two different runs never write the same files.
@@ -28,7 +28,7 @@ from openk2.eval.harness import (
     result_table,
 )
 
-TASKS = ("humaneval", "perplexity", "gym", "toolcall", "compare")
+TASKS = ("humaneval", "perplexity", "gym", "toolcall", "safety", "compare")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,6 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     tc.add_argument("--cases", help="suite JSON (default: the shipped toolcall_cases.json)")
     tc.add_argument("--only", nargs="+", help="case ids or id prefixes")
     tc.add_argument("--no-stream", action="store_true", help="skip the streamed half (no agreement metric)")
+    from openk2.eval import safety
+
+    safety.add_arguments(p)
 
 
 def _base_label(args: argparse.Namespace, backend) -> str:
@@ -240,6 +243,12 @@ def _run_task(args: argparse.Namespace) -> int:
             cfg.validate()
             store = _store(args, "gym", base, asdict(cfg))
             result = gym.run(_wrap(backend, args, store), cfg, store, **run_kw)
+        elif args.task == "safety":
+            from openk2.eval import safety
+
+            chosen = {"task": "safety", "strategies": list(args.strategies), "intents": args.intents}
+            label = args.name or default_label(base, _source(args), chosen)
+            return safety.run_cli(args, backend, label, _source(args), run_kw)
         else:
             from openk2.eval import toolcall_conformance as tcc
 
