@@ -16,7 +16,8 @@ from __future__ import annotations
 import random
 
 from openk2.client import Backend, make_backend
-from openk2.eval.safety import (
+from openk2.rl.env import Environment, Task, register_env
+from openk2.rl.safety import (
     STATIC_STRATEGIES,
     Intent,
     JudgeSettings,
@@ -26,7 +27,6 @@ from openk2.eval.safety import (
     parse_strategy,
     run_steps,
 )
-from openk2.rl.env import Environment, Task, register_env
 
 
 @register_env("safety")
