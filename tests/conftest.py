@@ -9,9 +9,13 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import mcp.client.stdio  # noqa: E402, F401
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+# The MCP SDK's stdio client binds `sys.stderr` as a default argument when it is first imported;
+# imported here, before any test captures stderr, it keeps the real one (imported first inside a
+# test that captures, it would keep that test's capture file, closed by the time later tests run).
 
 
 import pytest  # noqa: E402

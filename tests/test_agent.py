@@ -163,13 +163,15 @@ def test_multi_step_task_against_a_scripted_endpoint(tmp_path):
     shutil.rmtree(ws)
 
 
-def _refused(*args: str) -> str:
+def _refused(capsys, *args: str) -> str:
     """The one-line error of a bad command line (run in-process: no model, no subprocess needed)."""
     from openk2.cli import main
 
-    with pytest.raises(SystemExit) as exc:
-        main(["agent", *args])
-    return str(exc.value)
+    capsys.readouterr()
+    assert main(["agent", *args]) in (1, 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
 
 
 def test_budgets_and_bad_input(tmp_path, capsys):
@@ -182,10 +184,12 @@ def test_budgets_and_bad_input(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[stopped: max_turns]" in out and "(removed)" in out
     assert json.loads(transcript.read_text())["meta"]["stopped_by"] == "max_turns"
-    assert "unknown tools" in _refused("--endpoint", "http://x", "--tools", "rm", "t")
-    assert "must be positive" in _refused("--endpoint", "http://x", "--max-turns", "0", "t")
-    assert "cannot list the models" in _refused("--endpoint", f"http://127.0.0.1:{free_port()}/v1", "t")
-    assert "does not exist" in _refused("--model", str(tmp_path / "nope"), "t")
+    assert "unknown tools" in _refused(capsys, "--endpoint", "http://x", "--tools", "rm", "t")
+    assert "must be positive" in _refused(capsys, "--endpoint", "http://x", "--max-turns", "0", "t")
+    assert "cannot list the models" in _refused(
+        capsys, "--endpoint", f"http://127.0.0.1:{free_port()}/v1", "t"
+    )
+    assert "does not exist" in _refused(capsys, "--model", str(tmp_path / "nope"), "t")
 
 
 def test_interactive_mode(tmp_path, monkeypatch, capsys):

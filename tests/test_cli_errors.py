@@ -76,7 +76,7 @@ CASES: list[tuple[str, list[str], int, str]] = [
     ("sample-missing", ["sample", "nowhere"], 2, "neither a checkpoint"),
     ("sample-truncated", ["sample", "truncated"], 1, "truncated"),
     ("serve-truncated", ["serve", "truncated", "--port", "0"], 1, "truncated"),
-    ("serve-bad-config-json", ["serve", "badconfig", "--port", "0"], 2, "not valid JSON"),
+    ("serve-bad-config-json", ["serve", "badconfig", "--port", "0"], 1, "not valid JSON"),
     ("chat-missing", ["chat", "--model", "nowhere"], 2, "neither a checkpoint"),
     ("info-missing-model", ["info", "--model", "nowhere"], 2, "nowhere"),
     ("info-unknown-preset", ["info", "--preset", "foo"], 2, "unknown preset 'foo'"),

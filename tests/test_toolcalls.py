@@ -262,12 +262,15 @@ def test_token_by_token_through_the_incremental_decoder(tok):
 
 
 def test_deep_nesting_is_reported_not_raised():
-    """Arguments nested past Python's recursion limit: flagged as unchecked JSON, never raised."""
+    """Arguments nested past Python's recursion limit: flagged as unchecked JSON, never raised. (At
+    1,000 levels whether the JSON checks out depends on the interpreter's recursion limit, which
+    torch.compile raises when it is imported; at 100,000 it never does.)"""
     for depth in (1_000, 100_000):
         args = '{"a": ' * depth + "1" + "}" * depth
         text = SB + call("functions.a:0", args) + SE
         p = parse_tool_calls(text, tools=["a"])
-        assert p.tool_calls[0].arguments == args and not p.tool_calls[0].valid_json
+        assert p.tool_calls[0].arguments == args
+        assert depth < 10_000 or not p.tool_calls[0].valid_json
         deltas, parser = stream(text, [4096], tools=["a"])
         assert parser.result() == p
 
