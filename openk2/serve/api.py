@@ -58,6 +58,7 @@ def create_app(
     constrained_tools: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     cors_origins: list[str] | None = None,
+    reasoning: bool = False,
 ) -> FastAPI:
     """The FastAPI app; starts the engine thread on startup and stops it on shutdown.
 
@@ -66,7 +67,8 @@ def create_app(
     a model's unaided tool-call conformance through the server. A body over max_body_bytes is answered
     413 unread. cors_origins (e.g. ["https://app.example"], or ["*"]) installs CORS; without it no
     CORS header is ever sent. The queue size and the per-request deadline are the engine's
-    (`Engine(max_queue=..., request_timeout=...)`)."""
+    (`Engine(max_queue=..., request_timeout=...)`). reasoning=True serves a K2-Thinking checkpoint:
+    its template, and `reasoning_content` in replies and deltas (openai_chat.py)."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
     tokenizer = engine.tokenizer
@@ -205,7 +207,7 @@ def create_app(
     async def chat_completions(request: Request):
         body = await read_body(request)
         # rendering and tokenising a long conversation stays off the event loop
-        plan = await run_in_threadpool(prepare_chat, body, engine, constrained_tools)
+        plan = await run_in_threadpool(prepare_chat, body, engine, constrained_tools, reasoning)
         prompt, params = plan.prompt, plan.params
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "created": created, "model": model_name}

@@ -126,6 +126,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="allow browser requests from ORIGIN (repeatable; '*' for any); without it no CORS headers",
     )
     parser.add_argument(
+        "--reasoning-parser",
+        choices=["none", "kimi_k2"],
+        default="none",
+        help="kimi_k2: a K2-Thinking checkpoint: render with the Thinking template and return its "
+        "<think> block as reasoning_content (as vLLM's --reasoning-parser kimi_k2)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
     )
 
@@ -206,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
             constrained_tools=constrained,
             max_body_bytes=args.max_body_bytes,
             cors_origins=args.cors_origin,
+            reasoning=args.reasoning_parser == "kimi_k2",
         )
         port = sock.getsockname()[1]
         url = f"http://{args.host}:{port}/v1"

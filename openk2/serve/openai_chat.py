@@ -23,7 +23,11 @@ Semantics chosen where the OpenAI API leaves room:
     the `tool_call_id` of the results that answer them, because K2 was trained on that form (the
     template's `normalize_tool_call_ids` does the rewriting);
   * a `tool` message must answer a call made earlier in the conversation (without a tool_call_id:
-    the oldest call not yet answered, as the template reads it).
+    the oldest call not yet answered, as the template reads it);
+  * with `reasoning=True` (a K2-Thinking checkpoint, `openk2 serve --reasoning-parser kimi_k2`) the
+    prompt is rendered with the Thinking template (earlier turns' `reasoning_content` kept as it
+    specifies), and the model's `<think>...</think>` block comes back as the message's
+    `reasoning_content` and as `reasoning_content` deltas, apart from `content` and tool calls.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from openk2.serve.constrained import MAX_FORCED_CALLS
 from openk2.serve.engine import Engine
 from openk2.serve.sampling import K2_DEFAULT_TEMPERATURE, InvalidSamplingParam, SamplingParams
 from openk2.tokenizer.chat import encode_chat, normalize_tool_call_ids
+from openk2.tokenizer.reasoning import StreamingReasoningParser, split_reasoning
 from openk2.tokenizer.toolcalls import StreamingToolCallParser, assistant_message, parse_tool_calls
 
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -277,17 +282,26 @@ class PreparedChat:
     tool_choice: str  # "auto" | "none" | "required" | a function name
     parallel_tool_calls: bool
     include_usage: bool = False
+    reasoning: bool = False  # split <think>...</think> into reasoning_content
 
     def reply(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
         """A finished completion's text -> (assistant message, finish_reason). The reason is
         "tool_calls" when the model stopped by itself after writing calls."""
+        thought = None
+        if self.reasoning:
+            split = split_reasoning(text)
+            thought, text = split.reasoning, split.content
         if self.tools is None:
-            return {"role": "assistant", "content": text}, finish_reason
-        parsed = parse_tool_calls(text, self.tools)
-        if not self.parallel_tool_calls and len(parsed.tool_calls) > 1:
-            parsed = dataclasses.replace(parsed, tool_calls=parsed.tool_calls[:1])
-        finish = "tool_calls" if parsed.tool_calls and finish_reason == "stop" else finish_reason
-        return assistant_message(parsed), finish
+            message, finish = {"role": "assistant", "content": text}, finish_reason
+        else:
+            parsed = parse_tool_calls(text, self.tools)
+            if not self.parallel_tool_calls and len(parsed.tool_calls) > 1:
+                parsed = dataclasses.replace(parsed, tool_calls=parsed.tool_calls[:1])
+            finish = "tool_calls" if parsed.tool_calls and finish_reason == "stop" else finish_reason
+            message = assistant_message(parsed)
+        if thought is not None:
+            message["reasoning_content"] = thought
+        return message, finish
 
     def stream(self) -> ReplyStream:
         return ReplyStream(self)
@@ -299,8 +313,24 @@ class ReplyStream:
     def __init__(self, plan: PreparedChat):
         self.plan = plan
         self.parser = StreamingToolCallParser(plan.tools) if plan.tools is not None else None
+        self.thinking = StreamingReasoningParser() if plan.reasoning else None
 
     def feed(self, text: str, finished: bool = False) -> list[dict]:
+        if self.thinking is None:
+            return self._content(text, finished)
+        pieces = self.thinking.feed(text) + (self.thinking.finish() if finished else [])
+        out: list[dict] = []
+        content = ""
+        for piece in pieces:
+            if piece.reasoning:
+                out += self._content(content, False) + [{"reasoning_content": piece.reasoning}]
+                content = ""
+            elif piece.content:
+                content += piece.content
+        return out + self._content(content, finished)
+
+    def _content(self, text: str, finished: bool) -> list[dict]:
+        """Content text (after any reasoning is taken out) -> content / tool-call deltas."""
         if self.parser is None:
             return [{"content": text}] if text else []
         deltas = self.parser.feed(text)
@@ -329,18 +359,21 @@ def check_fits(engine: Engine, prompt: list[int], params: SamplingParams, prompt
         raise RequestError(str(e), param) from None
 
 
-def prepare_chat(body: dict, engine: Engine, constrained_tools: bool = True) -> PreparedChat:
+def prepare_chat(
+    body: dict, engine: Engine, constrained_tools: bool = True, reasoning: bool = False
+) -> PreparedChat:
     """Validate an OpenAI chat body against this engine; RequestError names what is wrong.
 
     constrained_tools=False leaves tool_choice "required" / a named function to the model alone (no
-    grammar), which is how an evaluation measures a model's unaided tool-call conformance."""
+    grammar), which is how an evaluation measures a model's unaided tool-call conformance.
+    reasoning=True serves a K2-Thinking checkpoint (its template; reasoning_content out)."""
     try:
-        return _prepare_chat(body, engine, constrained_tools)
+        return _prepare_chat(body, engine, constrained_tools, reasoning)
     except RecursionError:  # JSON nested deeper than the renderer or a schema compiler can walk
         raise RequestError("the request is nested too deeply") from None
 
 
-def _prepare_chat(body: dict, engine: Engine, constrained_tools: bool) -> PreparedChat:
+def _prepare_chat(body: dict, engine: Engine, constrained_tools: bool, reasoning: bool) -> PreparedChat:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     tokenizer = engine.tokenizer
@@ -349,7 +382,10 @@ def _prepare_chat(body: dict, engine: Engine, constrained_tools: bool) -> Prepar
     choice = check_tool_choice(body.get("tool_choice"), tools)
     parallel = field_of(body, "parallel_tool_calls", bool, True)
     try:
-        prompt = encode_chat(tokenizer, messages, tools=tools, add_generation_prompt=True).ids
+        variant = "thinking" if reasoning else "instruct"
+        prompt = encode_chat(
+            tokenizer, messages, tools=tools, add_generation_prompt=True, variant=variant
+        ).ids
     except (ValueError, KeyError, TypeError) as e:
         where = _WHERE.match(str(e))
         raise RequestError(f"invalid messages: {e}", where.group(1) if where else "messages") from None
@@ -377,4 +413,4 @@ def _prepare_chat(body: dict, engine: Engine, constrained_tools: bool) -> Prepar
     except ValueError as e:
         raise RequestError(str(e), "tools") from None
     check_fits(engine, prompt, params, "messages")
-    return PreparedChat(prompt, params, tools, choice, parallel, include_usage(body))
+    return PreparedChat(prompt, params, tools, choice, parallel, include_usage(body), reasoning)
