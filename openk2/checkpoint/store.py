@@ -128,25 +128,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ manifest
-def _hash_and_sync(file: Path) -> str:
-    """sha256 of a file, read once; the same open file is fsync'd so the bytes hashed are on disk."""
+def _hash(file: Path, sync: bool = False) -> str:
+    """sha256 of a file, read once; with sync, the same open file is fsync'd so the bytes hashed are
+    on disk."""
     digest = hashlib.sha256()
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     with open(file, "rb") as f:
         while n := f.readinto(buf):
             digest.update(view[:n])
-        os.fsync(f.fileno())
-    return digest.hexdigest()
-
-
-def _hash(file: Path) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(file, "rb") as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
+        if sync:
+            os.fsync(f.fileno())
     return digest.hexdigest()
 
 
@@ -162,7 +154,7 @@ def _write_manifest(directory: Path, run_id: str | None, step: int) -> None:
     files = {}
     for file in sorted(p for p in directory.rglob("*") if p.is_file()):
         rel = file.relative_to(directory).as_posix()
-        files[rel] = {"size": file.stat().st_size, "sha256": _hash_and_sync(file)}
+        files[rel] = {"size": file.stat().st_size, "sha256": _hash(file, sync=True)}
     manifest = {"format": MANIFEST_FORMAT, "run_id": run_id, "step": step, "files": files}
     target = directory / MANIFEST_FILE
     with open(target, "w") as f:

@@ -104,15 +104,22 @@ def tokenize_corpus(
     return tokens
 
 
-def split_tokens(tokens: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out the tail of the stream (at least one window) for evaluation."""
+def held_out_tokens(total: int, val_fraction: float, seq_len: int) -> int:
+    """How many tokens at the tail of a `total`-token stream are held out for evaluation (at least one
+    window), checking that the rest still fills training windows."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    n_val = max(int(len(tokens) * val_fraction), seq_len + 1)
-    if len(tokens) - n_val < 2 * (seq_len + 1):
+    n_val = max(int(total * val_fraction), seq_len + 1)
+    if total - n_val < 2 * (seq_len + 1):
         raise ValueError(
-            f"corpus too small: {len(tokens)} tokens cannot fill training windows of seq_len {seq_len}"
+            f"corpus too small: {total} tokens cannot fill training windows of seq_len {seq_len}"
         )
+    return n_val
+
+
+def split_tokens(tokens: np.ndarray, val_fraction: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out the tail of the stream (at least one window) for evaluation."""
+    n_val = held_out_tokens(len(tokens), val_fraction, seq_len)
     return tokens[:-n_val], tokens[-n_val:]
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from openk2.optim import MuonClip, load_imbalance, update_routing_bias_
 from openk2.optim.muon import split_parameters
 from openk2.train.config import NS_DTYPES, OPTIMIZERS, OptimizerOptions, TrainConfig
-from openk2.train.data import Batch, segment_ids_from_eos
+from openk2.train.data import Batch
 from openk2.train.memory import activation_context, apply_memory_options
 from openk2.train.run import Run, TrainingDiverged
 from openk2.train.schedule import Schedule
@@ -307,15 +307,21 @@ def prepare_data(cfg: TrainConfig, vocab_size: int):
     train_tokens, val_tokens = split_tokens(tokens, cfg.val_fraction, cfg.seq_len)
     eos = tokenizer.eos_id if cfg.document_mask else None
     loader = PackedLoader(train_tokens, cfg.batch_size, cfg.seq_len, seed=cfg.seed, eos_id=eos)
-    val_batch = max(1, min(cfg.batch_size, (len(val_tokens) - 1) // cfg.seq_len))
-    val_loader = PackedLoader(val_tokens, val_batch, cfg.seq_len, shuffle=False, eos_id=eos)
-    eval_batches = val_loader.batches(min(cfg.eval_batches, val_loader.n_windows // val_batch))
     facts = {
         "train_tokens": int(len(train_tokens)),
         "val_tokens": int(len(val_tokens)),
         "tokenize_seconds": t_tok,
     }
-    return tokenizer, loader, eval_batches, facts
+    return tokenizer, loader, fixed_eval_batches(val_tokens, cfg, eos), facts
+
+
+def fixed_eval_batches(val_tokens, cfg: TrainConfig, eos: int | None) -> list[Batch]:
+    """Up to `cfg.eval_batches` batches of consecutive windows from the held-out tokens, in order."""
+    from openk2.train.data import PackedLoader
+
+    val_batch = max(1, min(cfg.batch_size, (len(val_tokens) - 1) // cfg.seq_len))
+    val_loader = PackedLoader(val_tokens, val_batch, cfg.seq_len, shuffle=False, eos_id=eos)
+    return val_loader.batches(min(cfg.eval_batches, val_loader.n_windows // val_batch))
 
 
 def streamed_data(cfg: TrainConfig, tokenizer):
@@ -323,7 +329,7 @@ def streamed_data(cfg: TrainConfig, tokenizer):
     cache, keyed by the sources and the tokenizer) and streamed; the tail is held out for evals."""
     import hashlib
 
-    from openk2.train.data import default_cache_dir
+    from openk2.train.data import default_cache_dir, held_out_tokens
     from openk2.train.shards import StreamingLoader, TokenShards, build_shards, tokenizer_fingerprint
 
     source = Path(cfg.corpus).expanduser().resolve()
@@ -331,21 +337,12 @@ def streamed_data(cfg: TrainConfig, tokenizer):
     t_tok = time.perf_counter()
     shards = TokenShards(build_shards(source, tokenizer, default_cache_dir() / "shards" / key), tokenizer)
     t_tok = time.perf_counter() - t_tok
-    n_val = max(int(len(shards) * cfg.val_fraction), cfg.seq_len + 1)
-    if len(shards) - n_val < 2 * (cfg.seq_len + 1):
-        raise ValueError(f"corpus too small: {len(shards)} tokens cannot fill windows of {cfg.seq_len}")
+    n_val = held_out_tokens(len(shards), cfg.val_fraction, cfg.seq_len)
     eos = tokenizer.eos_id if cfg.document_mask else None
     loader = StreamingLoader(shards, cfg.batch_size, cfg.seq_len, eos_id=eos, limit=len(shards) - n_val)
-    val_rows = (n_val - 1) // cfg.seq_len
-    val_batch = max(1, min(cfg.batch_size, val_rows))
-    eval_batches = []
-    for b in range(min(cfg.eval_batches, val_rows // val_batch)):
-        start = len(shards) - n_val + b * val_batch * cfg.seq_len
-        flat = torch.from_numpy(shards.read(start, val_batch * cfg.seq_len + 1))
-        windows = flat.unfold(0, cfg.seq_len + 1, cfg.seq_len)[:val_batch]
-        x = windows[:, :-1]
-        seg = segment_ids_from_eos(x, eos) if eos is not None else None
-        eval_batches.append(Batch(x, windows[:, 1:], None, seg))
+    # only the tail the eval batches use is read into memory, not the whole held-out part
+    needed = min(n_val, cfg.eval_batches * cfg.batch_size * cfg.seq_len + 1)
+    eval_batches = fixed_eval_batches(shards.read(len(shards) - n_val, needed), cfg, eos)
     facts = {"train_tokens": len(shards) - n_val, "val_tokens": n_val, "tokenize_seconds": t_tok}
     return loader, eval_batches, facts
 
