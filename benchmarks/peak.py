@@ -22,11 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 
 import torch
+
+from openk2.distributed.device import cpu_model_and_flags
 
 ROWS = ("fp32 matmul, MKL", "fp32 matmul, oneDNN", "bf16 matmul", "memory, copy", "memory, sum")
 
@@ -48,24 +49,9 @@ def best_seconds(fn: Callable[[], object], repeats: int = 5, min_time: float = 0
 
 
 def cpu_features() -> list[str]:
-    try:
-        flags = next(
-            line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        return []
+    _, flags = cpu_model_and_flags()
     wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     return [f for f in wanted if f in flags]
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure_peaks(threads: int | None = None, size: int = 1024, repeats: int = 5) -> dict:
@@ -107,7 +93,7 @@ def measure_peaks(threads: int | None = None, size: int = 1024, repeats: int = 5
 
 def machine() -> dict:
     return {
-        "cpu": cpu_name(),
+        "cpu": cpu_model_and_flags()[0],
         "features": cpu_features(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,

@@ -269,21 +269,6 @@ def apply_options_file(parser: argparse.ArgumentParser, path: str) -> None:
 # `openk2 env`
 
 
-def _cpu_model_and_flags() -> tuple[str, set[str]]:
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    return name, flags
-
-
 def environment_report() -> list[tuple[str, str]]:
     """(name, value) rows: versions, CPU, GPU, threads and the precision `auto` choices resolve to."""
     from importlib import metadata
@@ -299,8 +284,9 @@ def environment_report() -> list[tuple[str, str]]:
             return "not installed"
 
     from openk2 import __version__
+    from openk2.distributed.device import cpu_model_and_flags
 
-    cpu, flags = _cpu_model_and_flags()
+    cpu, flags = cpu_model_and_flags()
     features = {
         "AVX2": "avx2" in flags,
         "AVX512": "avx512f" in flags,

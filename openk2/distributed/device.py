@@ -10,6 +10,8 @@ machine does not have is a `DeviceError` with one line that says what is missing
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -49,3 +51,19 @@ def resolve_device(name: str = "auto", local_rank: int | None = None) -> torch.d
 def collective_backend(device: torch.device) -> str:
     """NCCL for CUDA tensors, gloo for everything else."""
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and its feature flags (from /proc/cpuinfo where there is one)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return name, flags
