@@ -95,3 +95,17 @@ def test_activation_model_matches_measured(preset, seq):
     )
     estimated = per_token * 4 * x.shape[0] * seq
     assert 0.75 < estimated / measured < 1.25, (estimated, measured)
+
+
+def test_efficiencies_out_of_range_are_one_line_errors():
+    for kw, text in (
+        (dict(matmul=0.0), "--eff-matmul"),
+        (dict(offload=1.5), "--eff-offload"),
+        (dict(memory=float("nan")), "--eff-memory"),
+        (dict(expert_imbalance=0.5), "--eff-expert-imbalance"),
+    ):
+        with pytest.raises(ValueError, match=text):
+            Efficiency(**kw)
+    cmd = [sys.executable, "-m", "openk2", "plan", "--eff-matmul", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "--eff-matmul" in r.stderr

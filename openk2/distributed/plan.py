@@ -74,6 +74,16 @@ class Efficiency:
     offload: float = 0.8  # activation offload, of the PCIe bandwidth
     expert_imbalance: float = 1.1  # the busiest expert rank's load over the mean
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            flag = f"--eff-{f.name.replace('_', '-')}"
+            if f.name == "expert_imbalance":
+                if not 1 <= value < float("inf"):
+                    raise ValueError(f"{flag} is a load ratio >= 1, got {value}")
+            elif not 0 < value <= 1:
+                raise ValueError(f"{flag} is a fraction of peak in (0, 1], got {value}")
+
 
 @dataclass
 class Layout:
