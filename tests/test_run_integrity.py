@@ -319,7 +319,8 @@ def kill_worker(run_dir: Path, trials: int, seed: int) -> dict:
 
         removed = clean_stale_temps(run_dir)
         stats["trials_with_stale_temps"] += bool(removed)
-        leftovers = [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+        root = run_dir / "checkpoints"  # absent when the kill came before the first save began
+        leftovers = [p.name for p in root.iterdir() if p.name.startswith(".tmp")] if root.is_dir() else []
         assert not leftovers, f"trial {trial} (seed {seed}): temp dirs left: {leftovers}"
         for ckpt in list_checkpoints(run_dir):
             verify_checkpoint(ckpt)
