@@ -7,6 +7,9 @@ back into messages and deltas there; this module adds HTTP: the body, ids, usage
 event stream. Every bad input becomes OpenAI's error shape `{"error": {"message", "type", "param",
 "code"}}` with a 4xx status and the `param` that is wrong; this module never writes a K2 marker.
 
+With a `weight_update_token`, `POST /weights` replaces the served weights with a safetensors payload
+(RL weight sync into a rollout server, `openk2.rl.weight_sync`); see `weight_update_route`.
+
 `create_app` also sets the operational limits (see docs/serving.md, "Operation"): a body-size limit
 answered with 413 before anything is read, JSON nesting and NaN refused with 400 (body.py), the API key
 and CORS as plain ASGI middlewares (so a client that leaves is seen and its generation aborted), and
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -48,6 +52,8 @@ from openk2.serve.tokenization import tokenization_router
 
 # paths that need the API key when the server has one (/health and /metrics stay open, as in vLLM)
 PROTECTED_PREFIXES = ("/v1", "/tokenize", "/detokenize")
+# the weight-update endpoint (off unless the server has a weight-update token, which it checks itself)
+WEIGHTS_PATH = "/weights"
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -59,6 +65,8 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     cors_origins: list[str] | None = None,
     reasoning: bool = False,
+    weight_update_token: str | None = None,
+    max_weight_bytes: int | None = None,
 ) -> FastAPI:
     """The FastAPI app; starts the engine thread on startup and stops it on shutdown.
 
@@ -68,9 +76,19 @@ def create_app(
     413 unread. cors_origins (e.g. ["https://app.example"], or ["*"]) installs CORS; without it no
     CORS header is ever sent. The queue size and the per-request deadline are the engine's
     (`Engine(max_queue=..., request_timeout=...)`). reasoning=True serves a K2-Thinking checkpoint:
-    its template, and `reasoning_content` in replies and deltas (openai_chat.py)."""
+    its template, and `reasoning_content` in replies and deltas (openai_chat.py). weight_update_token
+    turns on `POST /weights` (weight_update_route), whose body may be up to max_weight_bytes (default:
+    the served model in float32 plus room for the safetensors header)."""
     if max_body_bytes < 1:
         raise ValueError(f"max_body_bytes must be positive, got {max_body_bytes}")
+    path_limits = {}
+    if weight_update_token is not None:
+        if not weight_update_token.strip():
+            raise ValueError("the weight-update token must not be empty")
+        max_weight_bytes = max_weight_bytes or default_max_weight_bytes(engine)
+        if max_weight_bytes < 1:
+            raise ValueError(f"max_weight_bytes must be positive, got {max_weight_bytes}")
+        path_limits[WEIGHTS_PATH] = max_weight_bytes
     tokenizer = engine.tokenizer
     grammars = engine.grammars  # built once here, not on the first constrained request
 
@@ -82,9 +100,11 @@ def create_app(
 
     app = FastAPI(title="openk2", lifespan=lifespan)
     metrics = ServerMetrics(engine)
-    _install_middleware(app, metrics, api_key, max_body_bytes, cors_origins)
+    _install_middleware(app, metrics, api_key, max_body_bytes, cors_origins, path_limits)
     _install_error_handlers(app)
     app.include_router(tokenization_router(tokenizer, model_name, engine.max_seq_len))
+    if weight_update_token is not None:
+        weight_update_route(app, engine, weight_update_token)
 
     async def read_body(request: Request) -> dict:
         body = await read_json_object(request)
@@ -272,6 +292,11 @@ def create_app(
             if body.get(key) not in (None, 1) or (key == "suffix" and body.get(key)):
                 raise APIError(400, f"'{key}' is not supported", key)
         echo = bool(field_of(body, "echo", bool, False))
+        # vLLM's extension: each choice also carries its sampled token ids (RL rollouts through a
+        # server need the exact tokens, which text and logprob strings do not give back)
+        return_token_ids = bool(field_of(body, "return_token_ids", bool, False))
+        if return_token_ids and body.get("stream"):
+            raise APIError(400, "'return_token_ids' is only supported without 'stream'", "return_token_ids")
         params = sampling_params(body, 16, engine.vocab_size)
         top = field_of(body, "logprobs", int)
         if top is not None:
@@ -309,6 +334,8 @@ def create_app(
                 choices.append(
                     {"index": k, "text": prefix + r["text"], "logprobs": lp, "finish_reason": r["finish"]}
                 )
+                if return_token_ids:
+                    choices[-1]["token_ids"] = r["tokens"]
             n_out = sum(len(r["tokens"]) for r in results)
             return {**head, "choices": choices, "usage": usage(n_prompt, n_out)}
 
@@ -346,13 +373,14 @@ def _install_middleware(
     api_key: str | None,
     max_body_bytes: int,
     cors_origins: list[str] | None,
+    path_limits: dict[str, int] | None = None,
 ) -> None:
     """Plain ASGI middlewares only (see middleware.py), outermost last: the request counter sees
     every answer (413 and 401 included), CORS answers preflights before the key is asked for, the
     body limit runs before anything reads the body."""
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key, prefixes=PROTECTED_PREFIXES)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, path_limits=path_limits)
     if cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -362,6 +390,59 @@ def _install_middleware(
             allow_credentials="*" not in cors_origins,
         )
     app.add_middleware(RequestCountMiddleware, metrics=metrics, routes=app.router.routes)
+
+
+def default_max_weight_bytes(engine: Engine) -> int:
+    """The largest weight payload accepted by default: every served tensor in float32, plus 64 KiB and
+    256 bytes a tensor for the safetensors header."""
+    tensors = engine.model.state_dict().values()
+    return sum(4 * t.numel() + 256 for t in tensors) + 64 * 1024
+
+
+def weight_update_route(app: FastAPI, engine: Engine, token: str) -> None:
+    """`POST /weights`, `Authorization: Bearer TOKEN`, body: a safetensors file of the full state dict
+    (float tensors in float32, bfloat16 or float16; cast to the served dtype). The payload is parsed and
+    checked in full (names, shapes, dtypes, finite values; its size by the body limit) before one
+    tensor is copied, and the copy lands between two engine steps (`Engine.load_weights`), so a bad
+    payload is a 4xx naming the problem with the old weights still served, and no request ever runs on
+    half-updated weights. Answers {"tensors", "bytes", "load_seconds", "version"}; `version` counts the
+    updates this server has applied."""
+    import hmac
+
+    from safetensors.torch import load as load_safetensors
+
+    from openk2.serve.engine import WeightUpdateError
+
+    expected = f"Bearer {token}".encode()
+    applied = {"version": 0}
+    one_at_a_time = threading.Lock()  # two pushes never interleave their checks and copies
+
+    def apply(payload: bytes) -> dict:
+        with one_at_a_time:
+            return apply_one(payload)
+
+    def apply_one(payload: bytes) -> dict:
+        try:
+            state = load_safetensors(payload)
+        except Exception as e:  # the parser raises SafetensorError, and others on odd headers
+            raise APIError(400, f"the body is not a safetensors file ({e})", code="invalid_weights") from None
+        try:
+            seconds = engine.load_weights(state)
+        except WeightUpdateError as e:
+            raise APIError(422, f"weights refused, nothing changed: {e}", code="invalid_weights") from None
+        applied["version"] += 1
+        return {"tensors": len(state), "bytes": len(payload), "load_seconds": seconds,
+                "version": applied["version"]}  # fmt: skip
+
+    @app.post(WEIGHTS_PATH)
+    async def update_weights(request: Request):
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, expected):  # constant time: no token by timing
+            raise APIError(401, "invalid or missing weight-update token", code="invalid_api_key")
+        payload = await request.body()
+        if not payload:
+            raise APIError(400, "the body is empty; send a safetensors file", code="invalid_weights")
+        return await run_in_threadpool(apply, payload)
 
 
 def _install_error_handlers(app: FastAPI) -> None:

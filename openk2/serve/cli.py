@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from openk2.serve.middleware import DEFAULT_MAX_BODY_BYTES
 
+WEIGHT_TOKEN_ENV = "OPENK2_WEIGHT_UPDATE_TOKEN"
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_REQUEST_TIMEOUT = 600.0
 
@@ -133,6 +135,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "<think> block as reasoning_content (as vLLM's --reasoning-parser kimi_k2)",
     )
     parser.add_argument(
+        "--weight-update-token",
+        default=os.environ.get(WEIGHT_TOKEN_ENV) or None,
+        metavar="TOKEN",
+        help="turn on POST /weights (replace the served weights with a safetensors payload, for RL "
+        "rollout servers) for requests with 'Authorization: Bearer TOKEN'; off by default "
+        f"(default: ${WEIGHT_TOKEN_ENV}, which keeps the token out of the process list)",
+    )
+    parser.add_argument(
+        "--max-weight-bytes",
+        type=_positive_int,
+        default=None,
+        help="largest POST /weights body (default: the served model in float32 plus header room)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"]
     )
 
@@ -214,10 +230,14 @@ def run(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             cors_origins=args.cors_origin,
             reasoning=args.reasoning_parser == "kimi_k2",
+            weight_update_token=args.weight_update_token,
+            max_weight_bytes=args.max_weight_bytes,
         )
         port = sock.getsockname()[1]
         url = f"http://{args.host}:{port}/v1"
         print(summary(engine, name, checkpoint, url, bool(args.api_key), constrained), flush=True)
+        if args.weight_update_token:
+            print(f"  weights      POST http://{args.host}:{port}/weights accepted (weight-update token)")
         config = uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level)
         uvicorn.Server(config).run(sockets=[sock])
     finally:

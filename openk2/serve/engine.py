@@ -43,7 +43,23 @@ from openk2.tokenizer.tokenizer import IncrementalDecoder, K2Tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Completion", "ContextLengthError", "Engine", "EngineFullError", "RequestOutput", "StreamEvent"]
+__all__ = [
+    "Completion",
+    "ContextLengthError",
+    "Engine",
+    "EngineFullError",
+    "RequestOutput",
+    "StreamEvent",
+    "WeightUpdateError",
+]
+
+
+# the float dtypes a weight update may arrive in (cast to the served model's dtype)
+UPDATE_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class WeightUpdateError(ValueError):
+    """A weight update the engine refuses (`Engine.load_weights`); the served weights are unchanged."""
 
 
 class EngineFullError(RuntimeError):
@@ -324,20 +340,63 @@ class Engine:
             self._thread = None
             self._finish_all("abort")  # nobody waits forever on a request the stopped loop never steps
 
-    def load_weights(self, source: nn.Module | dict[str, torch.Tensor]) -> float:
-        """Copy new weights into the served model between two steps (RL weight sync); returns seconds.
+    def load_weights(self, source: nn.Module | dict[str, torch.Tensor], check_finite: bool = True) -> float:
+        """Replace the served weights by `source` (a model or a full state dict, e.g. RL weight sync);
+        returns seconds.
 
+        Everything is checked before anything is copied (`check_weights`): a refused update raises
+        WeightUpdateError and the served weights stay as they were. The copy itself holds the step
+        lock, so it lands between two engine steps and no forward ever sees half-updated weights.
         Running sequences keep their cache (computed with the old weights), as in-flight requests do
         in other engines during a weight update."""
         state = source.state_dict() if isinstance(source, nn.Module) else source
         t0 = time.perf_counter()
+        checked = self.check_weights(state, check_finite)
+        targets = self.model.state_dict()
         with self._model_lock, torch.no_grad():
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.endswith("inv_freq")]
-            if missing or unexpected:
-                raise ValueError(f"load_weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            for name, tensor in checked.items():
+                targets[name].copy_(tensor)
             self.forward.refresh()
         return time.perf_counter() - t0
+
+    def check_weights(
+        self, state: dict[str, torch.Tensor], check_finite: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """`state` checked against the served model and cast to its dtypes, or WeightUpdateError naming
+        the first problem: an unknown or missing name, another shape, a non-float tensor for a float
+        weight (or another dtype for an integer buffer), a NaN/inf value. Rotary tables (`inv_freq`)
+        may be left out: they are derived from the config."""
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise WeightUpdateError("weights must be a dict of tensors")
+        targets = self.model.state_dict()
+        unknown = sorted(set(state) - set(targets))
+        if unknown:
+            raise WeightUpdateError(f"{len(unknown)} unknown weight names, e.g. {unknown[:3]}")
+        missing = sorted(k for k in set(targets) - set(state) if not k.endswith("inv_freq"))
+        if missing:
+            raise WeightUpdateError(f"{len(missing)} weights missing, e.g. {missing[:3]}")
+        checked = {}
+        for name, tensor in state.items():
+            target = targets[name]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise WeightUpdateError(
+                    f"{name}: shape {list(tensor.shape)}, the served model's is {list(target.shape)}"
+                )
+            if target.is_floating_point():
+                if tensor.dtype not in UPDATE_FLOAT_DTYPES:
+                    raise WeightUpdateError(
+                        f"{name}: dtype {str(tensor.dtype).removeprefix('torch.')}, expected one of "
+                        "float32, bfloat16, float16"
+                    )
+                if check_finite and not bool(torch.isfinite(tensor).all()):
+                    raise WeightUpdateError(f"{name}: holds NaN or infinite values")
+            elif tensor.dtype != target.dtype:
+                raise WeightUpdateError(
+                    f"{name}: dtype {str(tensor.dtype).removeprefix('torch.')}, the served model's is "
+                    f"{str(target.dtype).removeprefix('torch.')}"
+                )
+            checked[name] = tensor.detach().to(device=target.device, dtype=target.dtype)
+        return checked
 
     def add_observer(self, observer: Callable[[RequestOutput, float], None]) -> None:
         """Call observer(output, seconds since submission) on the engine thread as each request

@@ -42,28 +42,31 @@ class _BodyTooLarge(Exception):
 
 class BodyLimitMiddleware:
     """Answer 413 to a request body over max_bytes: at once from its Content-Length (nothing is read),
-    or, for a chunked body, as soon as the bytes read pass the limit."""
+    or, for a chunked body, as soon as the bytes read pass the limit. `path_limits` gives exact paths
+    a limit of their own (the weight-update endpoint takes a whole model)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, path_limits: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.path_limits = path_limits or {}
 
-    def _too_large(self) -> APIError:
-        message = f"the request body is larger than this server's limit of {self.max_bytes} bytes"
+    def _too_large(self, limit: int) -> APIError:
+        message = f"the request body is larger than this server's limit of {limit} bytes"
         return APIError(413, message, code="request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope["path"], self.max_bytes)
         length = Headers(scope=scope).get("content-length")
         if length is not None:
             if not length.isdigit():
                 error = APIError(400, f"Content-Length must be a number of bytes, got {length!r:.40}")
                 await error_response(error)(scope, receive, send)
                 return
-            if int(length) > self.max_bytes:
-                await error_response(self._too_large())(scope, receive, send)
+            if int(length) > limit:
+                await error_response(self._too_large(limit))(scope, receive, send)
                 return
         received = 0
         started = False
@@ -73,7 +76,7 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > limit:
                     raise _BodyTooLarge
             return message
 
@@ -87,4 +90,4 @@ class BodyLimitMiddleware:
         except _BodyTooLarge:
             if started:
                 raise
-            await error_response(self._too_large())(scope, receive, send)
+            await error_response(self._too_large(limit))(scope, receive, send)
