@@ -167,6 +167,34 @@ def test_remote_engine_rolls_out_through_the_server(checkpoint, server):
         RemoteEngine(f"http://127.0.0.1:{free_port()}", tok, weight_token=TOKEN)
 
 
+@pytest.mark.slow  # shares the server above
+def test_rl_trainer_rolls_out_on_the_server_and_pushes_after_every_step(
+    checkpoint, server, tmp_path, monkeypatch
+):
+    """`rollout_server` in the RL config: rollouts run on the server, the trainer's weights are pushed
+    after the step (sync_s, sync_bytes, sync_gbps logged), and the server then serves them."""
+    from openk2.rl.trainer import RLConfig, RLTrainer
+
+    monkeypatch.setenv("OPENK2_WEIGHT_UPDATE_TOKEN", TOKEN)
+    env = {"name": "arithmetic", "kwargs": {"max_digits": 1, "ops": "+"}, "max_tokens": 6}
+    config = RLConfig.from_dict({"envs": [env], "model": str(checkpoint), "rollout_server": server,
+                                 "prompts_per_step": 3, "samples_per_prompt": 4, "eval_tasks": 2,
+                                 "lr": 0.02, "out_dir": str(tmp_path / "run")})  # fmt: skip
+    trainer = RLTrainer(config, log_fn=None)
+    assert isinstance(trainer.engine, RemoteEngine)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    rec = trainer.step(1)
+    assert rec["groups"] == 3 and rec["sync_s"] > 0 and rec["sync_gbps"] > 0
+    assert rec["sync_bytes"] == trainer.engine.last_sync.bytes
+    if rec["signal_groups"]:
+        assert any(not torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+    prompt = K2Tokenizer.byte_level().encode("4+4=")
+    tokens, lp = _greedy_logprobs(server, prompt)
+    torch.testing.assert_close(lp, _model_logprobs(trainer.model, prompt, tokens), atol=LOGPROB_TOL, rtol=0)
+    with pytest.raises(ValueError, match="rollout_server must be an http"):
+        RLConfig.from_dict({"envs": [env], "rollout_server": "localhost:8000"})
+
+
 def test_engine_checks_a_whole_update_before_copying_any_of_it():
     """Engine.load_weights: a payload with one bad tensor late in the dict changes no weight; a good
     one in bfloat16 is cast and applied."""

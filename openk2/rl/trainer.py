@@ -40,6 +40,7 @@ from openk2.rl.env import Environment, Task, make_env
 from openk2.rl.loss import k15_loss, masked_lm_loss, pack_sequences, sequence_logprobs
 from openk2.rl.rollout import Group, RolloutWorker, prompt_ids, run_requests
 from openk2.rl.schedules import TemperatureSchedule
+from openk2.rl.weight_sync import RemoteEngine
 from openk2.serve.engine import Engine
 from openk2.serve.sampling import SamplingParams
 from openk2.tokenizer import K2Tokenizer
@@ -95,6 +96,10 @@ class RLConfig(RunOptions):
     eval_temperature: float = 0.0
     eval_samples: int = 1  # samples per held-out task (> 1 with a temperature > 0)
     engine_batch: int = 128
+    # roll out on this `openk2 serve --weight-update-token` process (http://host:port) instead of an
+    # in-process engine; the weights are pushed to it after every step (the token comes from
+    # $OPENK2_WEIGHT_UPDATE_TOKEN, never from the config, which is recorded in the run)
+    rollout_server: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "RL config") -> RLConfig:
@@ -130,6 +135,10 @@ class RLConfig(RunOptions):
         if self.device not in ("auto", "cpu"):
             raise ConfigError(f"RL runs on the CPU for now; device {self.device!r}")
         check_tokenizer_name(self.tokenizer)
+        if self.rollout_server is not None and not self.rollout_server.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"rollout_server must be an http:// or https:// URL, got {self.rollout_server!r}"
+            )
         return self
 
     def temperature_schedule(self) -> TemperatureSchedule:
@@ -247,16 +256,7 @@ class RLTrainer:
             tokenizer = tokenizer_by_name(c.tokenizer, model.config.vocab_size)
         self.tokenizer = tokenizer
         self.model.train()
-        # The engine serves its own copy of the weights, as a colocated inference engine does;
-        # `sync` copies the trainer's weights into it after every step.
-        engine_model = build_model_like(self.model)
-        max_len = max(e.max_tokens for e in c.envs) + 512
-        self.engine = Engine(
-            engine_model,
-            self.tokenizer,
-            max_batch=max(c.engine_batch, c.samples_per_prompt),
-            max_seq_len=min(self.model.config.max_position_embeddings, max_len),
-        )
+        self.engine = self._rollout_engine()
         self.sync()
         self.optimizer = MuonClip(
             self.model, lr=c.lr, weight_decay=c.weight_decay, adamw_lr=c.adamw_lr, qk_clip_tau=100.0
@@ -301,9 +301,33 @@ class RLTrainer:
         self.interrupted: str | None = None  # the signal that stopped `train`, if one did
 
     # ------------------------------------------------------------------ pieces
+    def _rollout_engine(self) -> Engine | RemoteEngine:
+        """The engine rollouts run on: its own copy of the weights in this process, as a colocated
+        inference engine holds, or a separate `openk2 serve` process (`rollout_server`). `sync` brings
+        it the trainer's weights after every step."""
+        c = self.config
+        if c.rollout_server:
+            return RemoteEngine(c.rollout_server, self.tokenizer, max_parallel=c.engine_batch)
+        max_len = max(e.max_tokens for e in c.envs) + 512
+        return Engine(
+            build_model_like(self.model),
+            self.tokenizer,
+            max_batch=max(c.engine_batch, c.samples_per_prompt),
+            max_seq_len=min(self.model.config.max_position_embeddings, max_len),
+        )
+
     def sync(self) -> float:
-        """Trainer -> engine weight copy (in-process); returns seconds."""
+        """Trainer -> engine weights (an in-process copy, or a push to the rollout server); returns
+        seconds."""
         return self.engine.load_weights(self.model)
+
+    def _sync_record(self) -> dict:
+        """The step's weight-sync measurements: seconds, and for a rollout server bytes and GB/s."""
+        rec = {"sync_s": self.sync()}
+        stats = getattr(self.engine, "last_sync", None)
+        if stats is not None:
+            rec.update(sync_bytes=stats.bytes, sync_gbps=stats.gbps)
+        return rec
 
     def draw_tasks(self) -> list[tuple[str, Task]]:
         names = list(self.specs)
@@ -419,7 +443,7 @@ class RLTrainer:
             else None,
             rollout_s=t_rollout,
         )
-        rec["sync_s"] = self.sync()
+        rec.update(self._sync_record())
         rec["step_s"] = time.perf_counter() - t0
         return rec
 
