@@ -68,7 +68,11 @@ def _warn(message: str, stacklevel: int = 3) -> None:
 
 # ------------------------------------------------------------------------------------------ RNG state
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """The torch, numpy, python (and CUDA) RNG states in types `torch.load(weights_only=True)` reads:
+    numpy's key array is stored as a tensor."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -76,7 +80,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -388,13 +393,21 @@ def _delete(ckpt: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ load
+# what numpy's RNG state of a checkpoint written before `rng_state` stored it as a tensor unpickles to
+_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core  # renamed in numpy 2
+_LEGACY_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _NUMPY_CORE.multiarray._reconstruct]
+
+
 def load_trainer_state(path: str | os.PathLike) -> dict:
     """The trainer state of a training checkpoint; CheckpointError when it is missing or unreadable."""
     file = Path(path) / STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no {STATE_FILE}; this is a model checkpoint, not a training one")
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
+        # weights_only: a trainer state holds tensors and plain values only, so loading one never runs
+        # code from the file; numpy arrays are allowed for the RNG state of older checkpoints
+        with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
+            return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on bad bytes
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{file}: unreadable trainer state, truncated or corrupt ({reason})") from e
