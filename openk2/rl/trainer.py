@@ -16,8 +16,12 @@ One iteration:
 `RLTrainer.train` runs these iterations on the one run driver (`openk2.train.run.Run`): the run
 directory and its refusals, metrics.jsonl, SIGINT/SIGTERM, and checkpoints with the model, the
 tokenizer and the trainer state, so a run directory loads in `openk2 sample/serve/eval` and resumes.
-A resume restores weights, optimizer, RNGs and the task and rollout counters; partial rollouts in
-flight (`step_tokens`) are not saved, so such a run restarts them.
+A resume restores weights, optimizer, RNGs, the task and rollout counters, the partial rollouts in
+flight (`step_tokens`) and a separate critic, so it continues the run exactly: a run killed with
+SIGKILL and resumed ends with the same weights, bit for bit, as one never interrupted.
+
+With `rollout_server`, the engine is another process (`openk2 serve --weight-update-token`,
+openk2.rl.weight_sync): rollouts go to it over HTTP and step 5 pushes the weights to it.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from openk2.rl.env import Environment, Task, make_env
 from openk2.rl.loss import k15_loss, masked_lm_loss, pack_sequences, sequence_logprobs
 from openk2.rl.rollout import Group, RolloutWorker, prompt_ids, run_requests
 from openk2.rl.schedules import TemperatureSchedule
+from openk2.rl.state import from_plain, to_plain
 from openk2.rl.weight_sync import RemoteEngine
 from openk2.serve.engine import Engine
 from openk2.serve.sampling import SamplingParams
@@ -461,7 +466,9 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ the run
     def state_dict(self) -> dict:
-        """What a resume needs besides the weights (partial rollouts in flight are not kept)."""
+        """What an exact resume needs besides the policy's weights: the optimizers, every RNG (torch,
+        numpy, python, the task draw's), the task and rollout counters, the paused partial rollouts
+        and a separate critic's weights, all in types `torch.load(weights_only=True)` reads."""
         from openk2.checkpoint.store import rng_state
 
         state = {
@@ -470,21 +477,29 @@ class RLTrainer:
             "task_rng": self.rng.getstate(),
             "task_seed": self._task_seed,
             "rollout_iteration": self.worker.iteration,
+            "paused_rollouts": to_plain(self.worker.pending, "paused rollouts"),
+            "flat_steps": self._flat_steps,
         }
         if self.critic_optimizer is not None:
             state["critic_optimizer"] = self.critic_optimizer.state_dict()
+            state["critic_model"] = {k: v.detach().clone() for k, v in self.critic.model.state_dict().items()}
         return state
 
     def load(self, checkpoint: Path, state: dict) -> None:
+        """Resume from a checkpoint written by `train`: its weights, then `state` (`state_dict`), then
+        sync the engine. Checkpoints written before paused rollouts were kept restart them."""
         from openk2.checkpoint.hf import load_weights_
         from openk2.checkpoint.store import set_rng_state
 
         load_weights_(self.model, checkpoint)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.critic_optimizer is not None and "critic_optimizer" in state:
+            self.critic.model.load_state_dict(state["critic_model"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.rng.setstate(state["task_rng"])
         self._task_seed, self.worker.iteration = state["task_seed"], state["rollout_iteration"]
+        self.worker.pending = from_plain(state.get("paused_rollouts", []))
+        self._flat_steps = state.get("flat_steps", 0)
         set_rng_state(state["rng"])
         self.sync()
 

@@ -1,0 +1,157 @@
+"""Resumable RL runs: an `openk2 rl` process killed with SIGKILL mid-run and resumed by the same
+command ends with the same weights, bit for bit, as a run never interrupted (CPU, fixed seeds, partial
+rollouts paused across the checkpoint, PTX mixing so every step moves the weights); its checkpoints
+load in `openk2 sample` and `openk2 serve`; the trainer state holds only what a weights-only load
+reads, and anything but an openk2 dataclass in it is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from serve_util import serve_process
+
+from openk2.checkpoint import load
+from openk2.checkpoint.store import STATE_FILE, list_checkpoints, load_trainer_state
+from openk2.rl.rollout import Group, Sample
+from openk2.rl.state import from_plain, to_plain
+from openk2.rl.trainer import RLConfig, RLTrainer
+
+STEPS = 6
+
+
+def _config(tmp_path: Path) -> Path:
+    rows = [
+        {"messages": [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": str(a + b)}]}
+        for a in range(4)
+        for b in range(4)
+    ]
+    ptx = tmp_path / "ptx.jsonl"
+    ptx.write_text("\n".join(json.dumps(r) for r in rows))
+    config = {
+        "envs": [{"name": "arithmetic", "kwargs": {"max_digits": 1, "ops": "+"}, "max_tokens": 8}],
+        "model_overrides": {"num_hidden_layers": 2},
+        "steps": STEPS,
+        "save_every": 2,
+        "eval_every": 3,
+        "eval_tasks": 2,
+        "prompts_per_step": 2,
+        "samples_per_prompt": 2,
+        "updates_per_step": 2,
+        "step_tokens": 3,  # partial rollout: samples are paused across iterations (and checkpoints)
+        "ptx_data": str(ptx),
+        "ptx_weight": 1.0,
+        "ptx_batch": 4,
+        "lr": 0.01,
+        "threads": 1,
+        "seed": 3,
+    }
+    path = tmp_path / "rl.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _rl(config: Path, out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "openk2.cli", "rl", str(config), "--out-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load(path, dtype=None)[0].state_dict()
+
+
+@pytest.mark.slow  # three RL runs, two of them `openk2 rl` subprocesses (~40 s on 2 busy cores)
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    config = _config(tmp_path)
+    killed = tmp_path / "killed"
+    proc = _rl(config, killed)
+    deadline = time.time() + 240
+    try:
+        while not list_checkpoints(killed):
+            assert proc.poll() is None, f"openk2 rl ended before its first checkpoint: {proc.stderr.read()}"
+            assert time.time() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    first = list_checkpoints(killed)[-1]
+    saved_at = load_trainer_state(first)["step"]
+    assert saved_at < STEPS, "the kill landed after the run ended"
+    state = load_trainer_state(first)
+    assert state["paused_rollouts"], "no rollout was paused at the checkpoint: the test would not cover them"
+
+    resumed = _rl(config, killed)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resuming {first}" in out
+
+    uninterrupted = {**json.loads(config.read_text()), "out_dir": str(tmp_path / "reference")}
+    reference = RLTrainer(RLConfig.from_dict(uninterrupted), log_fn=None)
+    reference.train()
+    mine, theirs = _weights(killed), _weights(tmp_path / "reference")
+    assert mine.keys() == theirs.keys()
+    differ = [k for k in mine if not torch.equal(mine[k], theirs[k])]
+    assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
+    start = _weights(first)
+    assert any(not torch.equal(start[k], mine[k]) for k in mine), "the resumed steps did not train"
+    # every step after the checkpoint is in metrics.jsonl once more, now from the resumed process
+    steps = [json.loads(x).get("step") for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert STEPS in steps
+
+
+@pytest.mark.slow  # an `openk2 serve` and an `openk2 sample` subprocess
+def test_rl_checkpoints_load_in_sample_and_serve(tmp_path):
+    """The final and a per-step checkpoint of an RL run load with openk2.checkpoint.load (model and
+    tokenizer) and in `openk2 sample`; `openk2 serve` on the run directory answers a request."""
+    cfg = json.loads(_config(tmp_path).read_text())
+    trainer = RLTrainer(RLConfig.from_dict({**cfg, "steps": 2, "out_dir": str(tmp_path / "run"),
+                                            "keep_checkpoints": 0}), log_fn=None)  # fmt: skip
+    trainer.train()
+    run = tmp_path / "run"
+    checkpoints = list_checkpoints(run)
+    assert [load_trainer_state(c)["step"] for c in checkpoints] == [2]
+    for path in (run, checkpoints[-1]):
+        model, tok = load(path)
+        assert tok.vocab_size == model.config.vocab_size == 512
+    sample = subprocess.run(
+        [sys.executable, "-m", "openk2.cli", "sample", str(run), "--prompt", "1+1=", "--max-new-tokens", "3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert sample.returncode == 0, sample.stderr[-2000:]
+    with serve_process(run, "--served-model-name", "rl") as base:
+        r = httpx.post(
+            base + "/completions", json={"model": "rl", "prompt": "2+2=", "max_tokens": 3}, timeout=60
+        )
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_trainer_state_is_weights_only_and_round_trips_paused_rollouts(tmp_path):
+    """The state a checkpoint stores loads with torch.load(weights_only=True) and gives back the
+    paused groups as they were; a tag naming anything but an openk2 dataclass is refused."""
+    cfg = json.loads(_config(tmp_path).read_text())
+    trainer = RLTrainer(RLConfig.from_dict({**cfg, "out_dir": str(tmp_path / "run")}), log_fn=None)
+    trainer.step(1)
+    assert trainer.worker.pending
+    path = tmp_path / STATE_FILE
+    torch.save(trainer.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    assert from_plain(state["paused_rollouts"]) == trainer.worker.pending
+    group = Group("arithmetic", trainer.worker.pending[0].task, [Sample([1, 2], [3], [-0.5])], started=0)
+    assert from_plain(to_plain([group, (1, "x")])) == [group, (1, "x")]
+    with pytest.raises(ValueError, match="not an openk2 dataclass"):
+        from_plain({"__dataclass__": "subprocess.Popen", "args": ["true"]})
+    with pytest.raises(ValueError, match="not an openk2 dataclass"):
+        from_plain({"__dataclass__": "openk2.rl.trainer.RLTrainer"})
+    with pytest.raises(TypeError, match="cannot store a set"):
+        to_plain({"a": {1, 2}})
