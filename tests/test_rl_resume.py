@@ -17,15 +17,19 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from serve_util import serve_process
+from serve_util import MODEL, LiveServer
 
-from openk2.checkpoint import load
+from openk2.checkpoint import load, resolve_checkpoint
 from openk2.checkpoint.store import STATE_FILE, list_checkpoints, load_trainer_state
+from openk2.client.factory import make_backend
+from openk2.client.types import ChatRequest
 from openk2.rl.rollout import Group, Sample
 from openk2.rl.state import from_plain, to_plain
 from openk2.rl.trainer import RLConfig, RLTrainer
+from openk2.serve.cli import load_engine
+from openk2.train.sample import generate_text
 
-STEPS = 6
+STEPS = 4
 
 
 def _config(tmp_path: Path) -> Path:
@@ -41,7 +45,7 @@ def _config(tmp_path: Path) -> Path:
         "model_overrides": {"num_hidden_layers": 2},
         "steps": STEPS,
         "save_every": 2,
-        "eval_every": 3,
+        "eval_every": 3,  # one evaluation between the checkpoints, one at the end
         "eval_tasks": 2,
         "prompts_per_step": 2,
         "samples_per_prompt": 2,
@@ -90,6 +94,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert saved_at < STEPS, "the kill landed after the run ended"
     state = load_trainer_state(first)
     assert state["paused_rollouts"], "no rollout was paused at the checkpoint: the test would not cover them"
+    start = _weights(first)
 
     resumed = _rl(config, killed)
     out, err = resumed.communicate(timeout=300)
@@ -103,37 +108,38 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert mine.keys() == theirs.keys()
     differ = [k for k in mine if not torch.equal(mine[k], theirs[k])]
     assert not differ, f"{len(differ)} tensors differ after resume, e.g. {differ[:3]}"
-    start = _weights(first)
     assert any(not torch.equal(start[k], mine[k]) for k in mine), "the resumed steps did not train"
     # every step after the checkpoint is in metrics.jsonl once more, now from the resumed process
     steps = [json.loads(x).get("step") for x in (killed / "metrics.jsonl").read_text().splitlines()]
     assert STEPS in steps
 
 
-@pytest.mark.slow  # an `openk2 serve` and an `openk2 sample` subprocess
-def test_rl_checkpoints_load_in_sample_and_serve(tmp_path):
-    """The final and a per-step checkpoint of an RL run load with openk2.checkpoint.load (model and
-    tokenizer) and in `openk2 sample`; `openk2 serve` on the run directory answers a request."""
+def test_rl_checkpoints_load_in_sample_serve_and_eval(tmp_path):
+    """The final and a per-step checkpoint of an RL run (model, tokenizer, trainer state) load with
+    openk2.checkpoint.load, and through what `openk2 sample`, `openk2 serve` (a real HTTP server over
+    the run directory answers a request) and `openk2 eval` (its in-process backend) load them with.
+    `openk2 sample` as a subprocess on an RL run: test_rl_trainer.py::test_openk2_rl_command."""
     cfg = json.loads(_config(tmp_path).read_text())
-    trainer = RLTrainer(RLConfig.from_dict({**cfg, "steps": 2, "out_dir": str(tmp_path / "run"),
-                                            "keep_checkpoints": 0}), log_fn=None)  # fmt: skip
-    trainer.train()
     run = tmp_path / "run"
+    overrides = {"steps": 2, "save_every": 1, "eval_every": 2, "out_dir": str(run), "keep_checkpoints": 5}
+    RLTrainer(RLConfig.from_dict({**cfg, **overrides}), log_fn=None).train()
     checkpoints = list_checkpoints(run)
-    assert [load_trainer_state(c)["step"] for c in checkpoints] == [2]
-    for path in (run, checkpoints[-1]):
+    assert [load_trainer_state(c)["step"] for c in checkpoints] == [1, 2]
+    for path in (run, *checkpoints):
         model, tok = load(path)
         assert tok.vocab_size == model.config.vocab_size == 512
-    sample = subprocess.run(
-        [sys.executable, "-m", "openk2.cli", "sample", str(run), "--prompt", "1+1=", "--max-new-tokens", "3"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert sample.returncode == 0, sample.stderr[-2000:]
-    with serve_process(run, "--served-model-name", "rl") as base:
-        r = httpx.post(
-            base + "/completions", json={"model": "rl", "prompt": "2+2=", "max_tokens": 3}, timeout=60
-        )
+    assert generate_text(str(run), "1+1=", max_new_tokens=3).startswith("1+1=")
+    engine = load_engine(str(resolve_checkpoint(run)), max_batch=2, max_seq_len=128, dtype=None)
+    with LiveServer(engine) as server:
+        body = {"model": MODEL, "prompt": "2+2=", "max_tokens": 3}
+        r = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    backend = make_backend(model=str(checkpoints[0]), max_batch=2)
+    try:
+        reply = backend.chat(ChatRequest([{"role": "user", "content": "3+4="}], max_tokens=3))
+        assert reply.error is None and reply.finish_reason in ("stop", "length")
+    finally:
+        backend.close()
 
 
 def test_trainer_state_is_weights_only_and_round_trips_paused_rollouts(tmp_path):
