@@ -6,8 +6,10 @@ reads, and anything but an openk2 dataclass in it is refused."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from openk2.checkpoint import load, resolve_checkpoint
 from openk2.checkpoint.store import STATE_FILE, list_checkpoints, load_trainer_state
 from openk2.client.factory import make_backend
 from openk2.client.types import ChatRequest
+from openk2.rl.env import make_env
 from openk2.rl.rollout import Group, Sample
 from openk2.rl.state import from_plain, to_plain
 from openk2.rl.trainer import RLConfig, RLTrainer
@@ -155,9 +158,43 @@ def test_trainer_state_is_weights_only_and_round_trips_paused_rollouts(tmp_path)
     assert from_plain(state["paused_rollouts"]) == trainer.worker.pending
     group = Group("arithmetic", trainer.worker.pending[0].task, [Sample([1, 2], [3], [-0.5])], started=0)
     assert from_plain(to_plain([group, (1, "x")])) == [group, (1, "x")]
-    with pytest.raises(ValueError, match="not an openk2 dataclass"):
+    with pytest.raises(ValueError, match="not an openk2 class"):
         from_plain({"__dataclass__": "subprocess.Popen", "args": ["true"]})
     with pytest.raises(ValueError, match="not an openk2 dataclass"):
         from_plain({"__dataclass__": "openk2.rl.trainer.RLTrainer"})
     with pytest.raises(TypeError, match="cannot store a set"):
         to_plain({"a": {1, 2}})
+
+
+def test_a_paused_episodes_environment_round_trips():
+    """A multi-turn episode owns its environment (the shop world mid-episode): it comes back from
+    the plain form with its world, and the episode goes on from there."""
+    env = make_env("tool_use", failure_rate=0.0)
+    task = env.sample_tasks(1, seed=5)[0]
+    env.reset(task=task)
+    pid = next(iter(task.metadata["products"]))
+    arguments = json.dumps({"product_id": pid, "quantity": 1})
+    call = {"id": "c0", "type": "function", "function": {"name": "add_to_cart", "arguments": arguments}}
+    assert not env.step({"role": "assistant", "content": "", "tool_calls": [call]}).done
+    assert env.world.cart == {pid: 1}
+    state = torch.load(
+        _saved({"episode_env": to_plain(env), "rng": to_plain(random.Random(7))}), weights_only=True
+    )
+    back = from_plain(state["episode_env"])
+    assert type(back) is type(env) and vars(back).keys() == vars(env).keys()
+    assert back.world == env.world and back.task == env.task and back.turns == env.turns
+    assert from_plain(state["rng"]).random() == random.Random(7).random()
+    # the restored episode continues: the cart it had is checked out by the next call
+    checkout = {"id": "c1", "type": "function", "function": {"name": "view_cart", "arguments": "{}"}}
+    replies = [back.step({"role": "assistant", "content": "", "tool_calls": [checkout]}), env.step(
+        {"role": "assistant", "content": "", "tool_calls": [checkout]})]  # fmt: skip
+    assert replies[0].messages == replies[1].messages and pid in json.dumps(replies[0].messages)
+    with pytest.raises(ValueError, match="not an openk2 environment"):
+        from_plain({"__object__": "openk2.rl.weight_sync.WeightPusher", "attributes": {}})
+
+
+def _saved(obj) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
