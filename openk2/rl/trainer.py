@@ -261,8 +261,20 @@ class RLTrainer:
             tokenizer = tokenizer_by_name(c.tokenizer, model.config.vocab_size)
         self.tokenizer = tokenizer
         self.model.train()
-        self.engine = self._rollout_engine()
+        # The engine serves its own copy of the weights, as a colocated inference engine does;
+        # `sync` copies the trainer's weights into it after every step.
+        engine_model = build_model_like(self.model)
+        max_len = max(e.max_tokens for e in c.envs) + 512
+        self.engine = Engine(
+            engine_model,
+            self.tokenizer,
+            max_batch=max(c.engine_batch, c.samples_per_prompt),
+            max_seq_len=min(self.model.config.max_position_embeddings, max_len),
+        )
         self.sync()
+        if c.rollout_server:  # roll out on another process: it replaces the in-process engine above
+            self.engine = RemoteEngine(c.rollout_server, self.tokenizer, max_parallel=c.engine_batch)
+            self.sync()
         self.optimizer = MuonClip(
             self.model, lr=c.lr, weight_decay=c.weight_decay, adamw_lr=c.adamw_lr, qk_clip_tau=100.0
         )
@@ -306,33 +318,9 @@ class RLTrainer:
         self.interrupted: str | None = None  # the signal that stopped `train`, if one did
 
     # ------------------------------------------------------------------ pieces
-    def _rollout_engine(self) -> Engine | RemoteEngine:
-        """The engine rollouts run on: its own copy of the weights in this process, as a colocated
-        inference engine holds, or a separate `openk2 serve` process (`rollout_server`). `sync` brings
-        it the trainer's weights after every step."""
-        c = self.config
-        if c.rollout_server:
-            return RemoteEngine(c.rollout_server, self.tokenizer, max_parallel=c.engine_batch)
-        max_len = max(e.max_tokens for e in c.envs) + 512
-        return Engine(
-            build_model_like(self.model),
-            self.tokenizer,
-            max_batch=max(c.engine_batch, c.samples_per_prompt),
-            max_seq_len=min(self.model.config.max_position_embeddings, max_len),
-        )
-
     def sync(self) -> float:
-        """Trainer -> engine weights (an in-process copy, or a push to the rollout server); returns
-        seconds."""
+        """Trainer -> engine weight copy (in-process); returns seconds."""
         return self.engine.load_weights(self.model)
-
-    def _sync_record(self) -> dict:
-        """The step's weight-sync measurements: seconds, and for a rollout server bytes and GB/s."""
-        rec = {"sync_s": self.sync()}
-        stats = getattr(self.engine, "last_sync", None)
-        if stats is not None:
-            rec.update(sync_bytes=stats.bytes, sync_gbps=stats.gbps)
-        return rec
 
     def draw_tasks(self) -> list[tuple[str, Task]]:
         names = list(self.specs)
@@ -373,6 +361,11 @@ class RLTrainer:
         rows = self.rng.sample(self.ptx_rows, min(self.config.ptx_batch, len(self.ptx_rows)))
         ids, mask = lm_batch(rows)
         return masked_lm_loss(self.model(ids), ids, mask)
+
+    def _remote_sync_stats(self) -> dict:
+        """With a rollout server, the last weight push's size and speed (its seconds are `sync_s`)."""
+        stats = getattr(self.engine, "last_sync", None)
+        return {} if stats is None else {"sync_bytes": stats.bytes, "sync_gbps": stats.gbps}
 
     # ------------------------------------------------------------------ one iteration
     def step(self, it: int) -> dict:
@@ -448,8 +441,9 @@ class RLTrainer:
             else None,
             rollout_s=t_rollout,
         )
-        rec.update(self._sync_record())
+        rec["sync_s"] = self.sync()
         rec["step_s"] = time.perf_counter() - t0
+        rec.update(self._remote_sync_stats())
         return rec
 
     def evaluate(self, seed: int = 0) -> dict:
