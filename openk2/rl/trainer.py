@@ -272,9 +272,6 @@ class RLTrainer:
             max_seq_len=min(self.model.config.max_position_embeddings, max_len),
         )
         self.sync()
-        if c.rollout_server:  # roll out on another process: it replaces the in-process engine above
-            self.engine = RemoteEngine(c.rollout_server, self.tokenizer, max_parallel=c.engine_batch)
-            self.sync()
         self.optimizer = MuonClip(
             self.model, lr=c.lr, weight_decay=c.weight_decay, adamw_lr=c.adamw_lr, qk_clip_tau=100.0
         )
@@ -316,6 +313,11 @@ class RLTrainer:
         self._flat_steps = 0  # steps in which no group had reward spread
         self.checkpoint: Path | None = None  # the last checkpoint `train` wrote
         self.interrupted: str | None = None  # the signal that stopped `train`, if one did
+        if c.rollout_server:  # roll out on another process: it replaces the in-process engine
+            self.engine = self.worker.engine = RemoteEngine(
+                c.rollout_server, self.tokenizer, max_parallel=c.engine_batch
+            )
+            self.sync()
 
     # ------------------------------------------------------------------ pieces
     def sync(self) -> float:
