@@ -120,7 +120,8 @@ class RemoteEngine:
     server batches them; each comes back with its token ids, per-token log-probs and finish reason,
     as a local engine's `RequestOutput`. `load_weights` pushes the weights and returns the sync's
     seconds; `last_sync` keeps its `SyncStats`. The tokenizer is the trainer's: the server must serve
-    the same one (checked at start against its vocabulary size)."""
+    the same one (checked at start on a probe string); `max_seq_len` is the server's context.
+    Grammar-constrained sampling is not sent over (a request with one is refused)."""
 
     UNSUPPORTED = ("grammar", "stop_token_ids", "banned_token_ids", "keep_special_token_ids")
 
@@ -147,6 +148,12 @@ class RemoteEngine:
         if models.status_code != 200:
             raise WeightSyncError(f"rollout server {self.base}: /v1/models answered {models.status_code}")
         self.model_name = models.json()["data"][0]["id"]
+        probe = self.client.post("/tokenize", json={"model": self.model_name, "prompt": "0"})
+        if probe.status_code != 200:
+            raise WeightSyncError(f"rollout server {self.base}: /tokenize answered {probe.status_code}")
+        self.max_seq_len = int(probe.json()["max_model_len"])  # tokens per cache slot, prompt included
+        if probe.json()["tokens"] != tokenizer.encode("0"):
+            raise WeightSyncError(f"rollout server {self.base} serves another tokenizer than the trainer's")
         self.pusher = WeightPusher(self.base, weight_token or os.environ.get(WEIGHT_TOKEN_ENV, ""), timeout)
         self.last_sync: SyncStats | None = None
 
