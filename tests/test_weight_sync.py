@@ -222,6 +222,47 @@ def test_engine_checks_a_whole_update_before_copying_any_of_it():
     assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
 
 
+def test_pushes_during_generation_land_between_steps():
+    """Requests running while weights are pushed (twice at once, in threads) all finish normally, the
+    pushes apply one after the other, and later requests decode with the last weights."""
+    import threading
+    import time
+
+    engine = tiny_engine(max_batch=4, max_seq_len=256)
+    new = tiny_model(seed=3)
+    prompt = engine.tokenizer.encode("1+2=")
+    body = {"model": "openk2-test", "prompt": prompt, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True}  # fmt: skip
+    with LiveServer(engine, weight_update_token=TOKEN) as server:
+        results: dict[str, httpx.Response] = {}
+
+        def call(name: str, **kw) -> None:
+            results[name] = httpx.post(server.url + kw.pop("path"), timeout=120, **kw)
+
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        payload = weights_payload(new)
+        gen = {"path": "/v1/completions", "json": body}
+        push = {"path": "/weights", "content": payload, "headers": headers}
+        threads = [threading.Thread(target=call, args=(f"gen{i}",), kwargs=dict(gen)) for i in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while engine.stats()["running"] < 2 and time.time() < deadline:  # both are decoding
+            time.sleep(0.005)
+        pushes = [threading.Thread(target=call, args=(f"push{i}",), kwargs=dict(push)) for i in range(2)]
+        for t in pushes:
+            t.start()
+        for t in threads + pushes:
+            t.join()
+        assert all(r.status_code == 200 for r in results.values()), {k: r.text for k, r in results.items()}
+        assert sorted(results[f"push{i}"].json()["version"] for i in range(2)) == [1, 2]
+        assert all(len(results[f"gen{i}"].json()["choices"][0]["token_ids"]) == 200 for i in range(2))
+        after = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 8}, timeout=60).json()
+    local = Engine(new.eval(), engine.tokenizer, max_batch=1, max_seq_len=256)
+    expected = local.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert after["choices"][0]["token_ids"] == expected.completions[0].token_ids
+
+
 def test_weights_endpoint_is_off_without_a_token():
     engine = tiny_engine(max_batch=2, max_seq_len=64)
     with LiveServer(engine) as server:
