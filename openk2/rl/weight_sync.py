@@ -32,8 +32,9 @@ from openk2.serve.sampling import SamplingParams
 WEIGHT_TOKEN_ENV = "OPENK2_WEIGHT_UPDATE_TOKEN"  # the same variable `openk2 serve` reads
 
 
-class WeightSyncError(RuntimeError):
-    """The rollout server refused a weight push or a request, or could not be reached (one line)."""
+class WeightSyncError(ConnectionError):
+    """The rollout server refused a weight push or a request, or could not be reached (one line; an
+    OSError, so `openk2 rl` reports it as `error: ...`)."""
 
 
 @dataclass
@@ -113,14 +114,15 @@ class WeightPusher:
 
 
 class RemoteEngine:
-    """What `RolloutWorker` and `evaluate` use of an `Engine` (`tokenizer`, `generate`,
+    """What `RolloutWorker` and `evaluate` use of an `Engine` (`tokenizer`, `max_seq_len`, `generate`,
     `load_weights`), served by an `openk2 serve` process at `base_url` (`http://host:port`).
 
     `generate` sends one `/v1/completions` request per prompt, `max_parallel` at a time, so the
     server batches them; each comes back with its token ids, per-token log-probs and finish reason,
     as a local engine's `RequestOutput`. `load_weights` pushes the weights and returns the sync's
-    seconds; `last_sync` keeps its `SyncStats`. The tokenizer is the trainer's: the server must serve
-    the same one (checked at start on a probe string); `max_seq_len` is the server's context.
+    seconds; `last_sync` keeps its `SyncStats`. `weight_token` defaults to
+    $OPENK2_WEIGHT_UPDATE_TOKEN; `api_key` is the server's `--api-key`, if it has one. The tokenizer
+    is the trainer's: the server must serve the same one (checked at start on a probe string).
     Grammar-constrained sampling is not sent over (a request with one is refused)."""
 
     UNSUPPORTED = ("grammar", "stop_token_ids", "banned_token_ids", "keep_special_token_ids")
@@ -146,7 +148,10 @@ class RemoteEngine:
                 f"rollout server {self.base} unreachable: {type(e).__name__}: {e}"
             ) from None
         if models.status_code != 200:
-            raise WeightSyncError(f"rollout server {self.base}: /v1/models answered {models.status_code}")
+            raise WeightSyncError(
+                f"rollout server {self.base}: /v1/models answered {models.status_code}: "
+                + _error_message(models)
+            )
         self.model_name = models.json()["data"][0]["id"]
         probe = self.client.post("/tokenize", json={"model": self.model_name, "prompt": "0"})
         if probe.status_code != 200:
