@@ -171,6 +171,7 @@ class RolloutWorker:
         step_tokens: int | None = None,
         truncation_penalty: float = 0.5,
         system_prompt: str | None = "",
+        tool_choice: dict[str, str] | None = None,
     ):
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
@@ -184,6 +185,7 @@ class RolloutWorker:
         self.k, self.step_tokens = samples_per_prompt, step_tokens
         self.truncation_penalty = truncation_penalty
         self.system_prompt = system_prompt
+        self.tool_choice = tool_choice or {}
         self.pending: list[Group] = []  # groups with paused samples
         self.iteration = 0
 
@@ -268,6 +270,7 @@ class RolloutWorker:
                     continue  # _turn_chunk ended or paused it
                 sp = self._params(max_tokens, temperature, seed, gi, n=1)
                 sp.seed = (sp.seed + 1000 * (si + 1) + 7919 * round_) % (2**31)
+                sp.grammar = self._first_turn_grammar(g.env, s)
                 prompts.append(s.prompt_ids + s.response_ids)
                 params.append(sp)
                 multi.append((g, gi, s))
@@ -332,6 +335,17 @@ class RolloutWorker:
         messages = prompt_messages(obs.task, self.system_prompt)
         ids = encode_chat(self.engine.tokenizer, messages, tools=obs.tools, add_generation_prompt=True).ids
         return Sample(ids, episode=Episode(env, messages, obs.tools))
+
+    def _first_turn_grammar(self, env: str, s: Sample) -> str | None:
+        """The grammar that forces the episode's first turn to be tool calls, when the environment's
+        `tool_choice` asks for it ("required": any offered tool; a name: that tool). A cold-start aid
+        for a policy that never calls tools by itself; later turns are free. A first turn paused by
+        step_tokens mid-way resumes unconstrained."""
+        choice = self.tool_choice.get(env, "auto")
+        ep = s.episode
+        if choice == "auto" or ep.turns > 0 or ep.turn_tokens > 0 or not ep.tools:
+            return None
+        return self.engine.grammars.tool_calls(ep.tools, name=None if choice == "required" else choice)
 
     def _turn_chunk(self, env: str, s: Sample, spent: int) -> int:
         """max_tokens for the sample's next request; < 1 when it cannot run now (then it was cut by a

@@ -55,6 +55,7 @@ class EnvSpec:
     max_turns: int = 8  # multi-turn environments: assistant turns per episode
     episode_tokens: int | None = None  # multi-turn: sampled tokens per episode (None: max_tokens * max_turns)
     tool_tokens: int = 256  # multi-turn: tokens appended after one turn; longer tool outputs are clipped
+    tool_choice: str = "auto"  # multi-turn: "required" or a tool name forces the first turn to call tools
     weight: float = 1.0  # share of each step's prompts
     reward: str = "verifier"  # "verifier" or "critique" (self-critique rubric reward)
 
@@ -208,12 +209,16 @@ def evaluate(
     samples: int = 1,
     seed: int = 0,
     system_prompt: str | None = "",
+    tool_choice: str = "auto",
 ) -> dict:
     """Mean verifier reward on held-out tasks (truncated responses count as 0), and mean length.
-    A multi-turn environment's tasks run as whole episodes (`max_tokens` then is their Budget); their
-    length is the sampled tokens per episode, and the turns and tool calls are averaged too."""
+    A multi-turn environment's tasks run as whole episodes, as in training (`max_tokens` then is their
+    Budget, `tool_choice` their first turn's); their length is the sampled tokens per episode, and the
+    turns and tool calls are averaged too."""
     if env.multi_turn:
-        return _evaluate_episodes(engine, env, tasks, max_tokens, temperature, samples, seed, system_prompt)
+        return _evaluate_episodes(
+            engine, env, tasks, max_tokens, temperature, samples, seed, system_prompt, tool_choice
+        )
     if isinstance(max_tokens, Budget):
         max_tokens = max_tokens.turn_tokens
     tok = engine.tokenizer
@@ -238,7 +243,9 @@ def evaluate(
     }
 
 
-def _evaluate_episodes(engine, env, tasks, budget, temperature, samples, seed, system_prompt) -> dict:
+def _evaluate_episodes(
+    engine, env, tasks, budget, temperature, samples, seed, system_prompt, tool_choice
+) -> dict:
     budget = budget if isinstance(budget, Budget) else Budget(budget)
     worker = RolloutWorker(
         engine,
@@ -247,6 +254,7 @@ def _evaluate_episodes(engine, env, tasks, budget, temperature, samples, seed, s
         samples,
         truncation_penalty=0.0,
         system_prompt=system_prompt,
+        tool_choice={env.name: tool_choice},
     )
     episodes = [
         s for g in worker.rollout([(env.name, t) for t in tasks], temperature, seed) for s in g.samples
@@ -318,6 +326,7 @@ class RLTrainer:
             step_tokens=c.step_tokens,
             truncation_penalty=c.truncation_penalty,
             system_prompt=c.system_prompt,
+            tool_choice={e.name: e.tool_choice for e in c.envs},
         )
         self.temperature = c.temperature_schedule()
         self.ptx_rows = load_chat_jsonl(c.ptx_data, self.tokenizer) if c.ptx_data else []
@@ -347,6 +356,14 @@ class RLTrainer:
         need, longest_prompt = 0, 0
         for name, env in self.envs.items():
             tasks = self.eval_sets[name] + env.sample_tasks(8, seed=-1)
+            choice = self.specs[name].tool_choice
+            if choice not in ("auto", "required"):
+                offered = {t["function"]["name"] for task in tasks for t in task.tools or []}
+                if choice not in offered:
+                    raise ConfigError(
+                        f"env {name}: tool_choice must be 'auto', 'required' or one of its tools "
+                        f"({', '.join(sorted(offered)) or 'none offered'}), got {choice!r}"
+                    )
             longest = max(len(prompt_ids(self.tokenizer, t, self.config.system_prompt)) for t in tasks)
             need = max(need, self.specs[name].budget().context(longest, env.multi_turn))
             longest_prompt = max(longest_prompt, longest)
@@ -497,7 +514,7 @@ class RLTrainer:
         for name, tasks in self.eval_sets.items():
             r = evaluate(
                 self.engine, self.envs[name], tasks, self.specs[name].budget(),
-                c.eval_temperature, c.eval_samples, seed, c.system_prompt,
+                c.eval_temperature, c.eval_samples, seed, c.system_prompt, self.specs[name].tool_choice,
             )  # fmt: skip
             out.update({f"eval/{name}/{k}": v for k, v in r.items()})
         out["eval/reward"] = sum(v for k, v in out.items() if k.endswith("/reward")) / len(self.eval_sets)
@@ -632,10 +649,11 @@ def episode_record(env: str, s) -> dict:
         "tool_calls": ep.tool_calls,
         "tool_call_errors": len(ep.tool_call_errors),
         "sampled_tokens": s.sampled_tokens,
-        "context_tokens": len(s.prompt_ids) + len(s.response_ids),
+        "appended_tokens": len(s.response_ids) - s.sampled_tokens,  # tool outputs, user turns, templates
         "reward": s.reward,
         "finish": s.finish_reason,
         "reason": s.info.get("reason"),
+        "cut_by": s.info.get("truncated"),  # the budget that truncated it, if one did
     }
 
 
