@@ -446,3 +446,52 @@ def test_openk2_rl_with_the_tool_use_environment(tmp_path):
         assert r["tool_calls"] >= 1 and r["turns"] >= 1
     evals = [r for r in records if "eval/tool_use/reward" in r]
     assert evals and evals[0]["eval/tool_use/tool_calls"] >= 1
+
+
+def test_environment_bugs_and_short_contexts_end_episodes_without_a_crash():
+    from openk2.rl.envs.tool_use import ToolUseEnv
+    from openk2.serve.engine import Engine
+
+    env, task = _named_task()
+
+    class Raising(ToolUseEnv):
+        def step(self, message):
+            raise KeyError("boom")
+
+    class Garbage(ToolUseEnv):
+        def step(self, message):
+            result = super().step(message)
+            result.messages = [{"role": "robot", "content": 3}]
+            return result
+
+    worker, _ = _worker(_shopper(task), env=Raising(failure_rate=0.0))
+    (group,) = worker.rollout([("tool_use", task)], temperature=1.0, seed=0)
+    assert all(s.finish_reason == "error" and s.reward == 0.0 for s in group.samples)
+    assert group.samples[0].info["reason"] == "env_error: KeyError: 'boom'"
+    worker, _ = _worker(_shopper(task), env=Garbage(failure_rate=0.0))
+    (group,) = worker.rollout([("tool_use", task)], temperature=1.0, seed=0)
+    s = group.samples[0]
+    assert s.truncated and s.info["truncated"] == "the context is full" and "role" in s.info["append_error"]
+    # single-turn: a budget longer than the engine's context is cut at the context, a prompt longer
+    # than the context is cut before decoding; neither raises ContextLengthError
+    arith = make_env("arithmetic", max_digits=1, ops="+")
+    (t,) = arith.sample_tasks(1, seed=0)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny")).eval()
+    n = len(
+        encode_chat(TOK, [{"role": "system", "content": ""}, *t.messages], add_generation_prompt=True).ids
+    )
+    for max_seq_len, why in [
+        (n + 3, "the context is full"),
+        (n - 5, "the prompt does not fit the engine's context"),
+    ]:
+        engine = Engine(model, TOK, max_batch=4, max_seq_len=max_seq_len)
+        worker = RolloutWorker(engine, {"arithmetic": arith}, {"arithmetic": 50}, 2, truncation_penalty=0.5)
+        (group,) = worker.rollout([("arithmetic", t)], temperature=1.0, seed=0)
+        for s in group.samples:
+            assert s.finish_reason in ("length", "stop")
+            if s.truncated:
+                assert s.info["truncated"] == why and s.reward == -0.5
+                assert len(s.prompt_ids) + len(s.response_ids) - 1 <= max_seq_len or not s.response_ids
+        assert any(s.truncated for s in group.samples)  # a random model rarely stops in 4 tokens
+        assert why.startswith("the context") or all(s.truncated and not s.response_ids for s in group.samples)

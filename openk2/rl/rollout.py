@@ -409,8 +409,8 @@ class RolloutWorker:
         for at least one sampled token. False when even fully clipped they do not fit."""
         tok, ep = self.engine.tokenizer, s.episode
         limit = min(b.tool_tokens, self._room(s) - 1)
-        messages = [dict(m) for m in messages]
         try:
+            messages = [dict(m) for m in messages]
             for _ in range(6):
                 enc = encode_continuation(tok, ep.messages, messages, ep.tools)
                 excess = len(enc.ids) - limit
@@ -425,7 +425,7 @@ class RolloutWorker:
                 messages[i]["content"] = clip_text(tok, texts[i], n - excess - marker - 2)
             else:
                 return False
-        except ValueError as e:  # a message the template cannot render: the environment's bug
+        except (TypeError, ValueError) as e:  # a message the template cannot render: the environment's bug
             s.info["append_error"] = str(e)
             return False
         s.response_ids += enc.ids
