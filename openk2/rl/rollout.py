@@ -226,12 +226,12 @@ class RolloutWorker:
             prompts.append(ids)
             params.append(self._params(chunk, temperature, seed, gi, n=self.k))
             targets.append((g.env, g.samples))
-        for gi, g in enumerate(self.pending, start=len(new)):
+        for gi, g in enumerate(self.pending):
             for si, s in enumerate(g.samples):
                 if s.finish_reason is not None:
                     continue
-                if s.episode is not None:
-                    turns.append((g, gi, s))
+                if s.episode is not None:  # its own seed index: episodes are n = 1 requests
+                    turns.append((g, len(new) + gi, s))
                     continue
                 chunk = self._single_turn_chunk(g.env, s)
                 if chunk < 1:

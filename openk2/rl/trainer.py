@@ -349,9 +349,10 @@ class RLTrainer:
     # ------------------------------------------------------------------ pieces
     def _context_length(self) -> int:
         """The engine's context: the longest prompt seen (the held-out tasks and a draw of training
-        tasks) plus the episode budget (turn budget, or for multi-turn: episode tokens + appended tool
-        outputs), capped by the model's positions. A longer prompt later is cut (truncated), not a
-        crash; a model whose context cannot hold the prompts is a config error."""
+        tasks) with 25% headroom, plus the episode budget (turn budget, or for multi-turn: episode
+        tokens + appended tool outputs), and never less than the turn budget + 512 it always had;
+        capped by the model's positions. A prompt too long for it later is truncated, not a crash; a
+        model whose positions cannot hold the prompts seen is a config error."""
         positions = self.model.config.max_position_embeddings
         need, longest_prompt = 0, 0
         for name, env in self.envs.items():
@@ -365,7 +366,8 @@ class RLTrainer:
                         f"({', '.join(sorted(offered)) or 'none offered'}), got {choice!r}"
                     )
             longest = max(len(prompt_ids(self.tokenizer, t, self.config.system_prompt)) for t in tasks)
-            need = max(need, self.specs[name].budget().context(longest, env.multi_turn))
+            spec = self.specs[name]
+            need = max(need, spec.max_tokens + 512, spec.budget().context(longest * 5 // 4, env.multi_turn))
             longest_prompt = max(longest_prompt, longest)
         if longest_prompt >= positions:
             raise ConfigError(
