@@ -4,7 +4,8 @@ One iteration:
   1. temperature from the decay schedule; draw prompts from the environments (by weight);
   2. roll out K samples per prompt through the engine (budget control, partial rollout); groups
      that finish in this iteration are scored by their verifier or by the self-critic;
-  3. pi_old: the trainer recomputes the response log-probs with the current weights before the
+  3. pi_old: the trainer recomputes the log-probs of the sampled tokens (a multi-turn episode's tool
+     outputs and user turns are context, outside the loss mask) with the current weights before the
      update. These are the weights the engine sampled with (they are synced after every step), so
      this *is* the rollout policy; recomputing rather than reusing the engine's recorded log-probs
      keeps the loss exact for resumed partial rollouts (their early tokens came from older weights)
