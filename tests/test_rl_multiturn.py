@@ -350,6 +350,7 @@ TOOL_CONFIG = {
     "model": "tiny",
     "model_overrides": {"max_position_embeddings": 2048},
     "prompts_per_step": 1,
+    "engine_batch": 2,  # cache slots: K = 2 episodes at a time
     "samples_per_prompt": 2,
     "eval_tasks": 1,
     "eval_every": 100,
