@@ -445,6 +445,9 @@ def test_openk2_rl_with_the_tool_use_environment(tmp_path):
             assert isinstance(e["reward"], float) and e["reason"]
             assert e["turns"] >= 1 and e["tool_calls"] >= 1 and e["appended_tokens"] > 20  # the tool ran
         assert r["tool_calls"] >= 1 and r["turns"] >= 1
+        # the engine's recorded log-probs of the sampled tokens equal the trainer's masked sum over the
+        # whole multi-turn context (tool results included as context): the mask is aligned
+        assert r["engine_logprob_gap"] < 1e-3
     evals = [r for r in records if "eval/tool_use/reward" in r]
     assert evals and evals[0]["eval/tool_use/tool_calls"] >= 1
 
