@@ -350,6 +350,33 @@ def encode_chat(
     variant: str = "instruct",
 ) -> ChatEncoding:
     """Token ids plus the assistant mask (its content, tool-call section and closing <|im_end|>)."""
+    return _encode_segments(tokenizer, segments(messages, tools, add_generation_prompt, variant))
+
+
+def encode_continuation(
+    tokenizer: K2Tokenizer,
+    history: list[dict],
+    appended: list[dict],
+    tools: list[dict] | None = None,
+    add_generation_prompt: bool = True,
+    variant: str = "instruct",
+) -> ChatEncoding:
+    """The tokens that `appended` messages add after the conversation `history` (then the generation
+    prompt): `encode_chat(history) + encode_continuation(history, appended)` equals
+    `encode_chat(history + appended)`. A multi-turn rollout extends its context with this after an
+    assistant turn (tool results, user turns), so the wire format stays in this module. Raises
+    ValueError when appending would change how `history` renders (the thinking variant drops earlier
+    reasoning once a later plain assistant turn exists), since then no continuation exists."""
+    before = segments(history, tools, False, variant)
+    after = segments(list(history) + list(appended), tools, add_generation_prompt, variant)
+    if after[: len(before)] != before:
+        raise ValueError("appending these messages changes how the earlier turns render; re-encode instead")
+    return _encode_segments(tokenizer, after[len(before) :])
+
+
+def _encode_segments(tokenizer: K2Tokenizer, segs: list[Segment]) -> ChatEncoding:
+    """Segments -> ids and assistant mask: markers as their special ids, adjacent text pieces encoded
+    together with specials disabled."""
     ids: list[int] = []
     mask: list[bool] = []
     pending: list[str] = []  # adjacent text pieces are encoded together, as in the rendered string
@@ -362,7 +389,7 @@ def encode_chat(
             mask.extend([pending_asst] * len(piece))
             pending.clear()
 
-    for seg in segments(messages, tools, add_generation_prompt, variant):
+    for seg in segs:
         if seg.special:
             flush()
             ids.append(tokenizer.special_ids[seg.text])
