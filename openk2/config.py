@@ -15,6 +15,22 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
+# Sizes that must be at least 1; the other integer fields (expert counts, dense-layer count, MTP
+# layers) may be 0.
+_POSITIVE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "moe_layer_freq",
+    "n_group",
+    "topk_group",
+    "kv_lora_rank",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "max_position_embeddings",
+)
 
 
 @dataclass
@@ -90,7 +106,35 @@ class ModelConfig:
             and layer % self.moe_layer_freq == 0
         )
 
+    def _check_types(self) -> None:
+        """Each field holds the kind of value its default has (an int where an int is expected, a
+        number for a float, ...), so a config.json with `"hidden_size": "7168"` or a negative size
+        is refused here with the field's name instead of failing deep inside torch."""
+        for f in fields(self):
+            if f.name == "extra":
+                continue
+            value, default = getattr(self, f.name), f.default
+            if value is None and ("None" in str(f.type) or default is None):
+                continue
+            if isinstance(default, bool):
+                ok, kind = isinstance(value, bool), "true or false"
+            elif isinstance(default, int) or "int" in str(f.type):
+                ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            elif isinstance(default, float):
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                ok, kind = number and math.isfinite(value), "a finite number"
+            elif isinstance(default, str):
+                ok, kind = isinstance(value, str), "a string"
+            else:
+                continue
+            if not ok:
+                raise ValueError(f"{f.name} must be {kind}, got {value!r}")
+            if kind == "an integer" and value < (1 if f.name in _POSITIVE_FIELDS else 0):
+                bound = "at least 1" if f.name in _POSITIVE_FIELDS else "non-negative"
+                raise ValueError(f"{f.name} must be {bound}, got {value}")
+
     def validate(self) -> ModelConfig:
+        self._check_types()
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"unknown model_type {self.model_type!r}; openk2 supports {', '.join(SUPPORTED_MODEL_TYPES)}"

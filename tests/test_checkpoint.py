@@ -187,3 +187,36 @@ def test_export_is_loaded_by_transformers(tiny_model, tmp_path):
         assert (hf(ids).logits - tiny_model(ids)).abs().max().item() < 1e-4
     with pytest.raises(FileExistsError):
         export(src, out)
+
+
+class _RunsCode:
+    """Pickles as a call to a function: what a hostile trainer_state.pt would hold."""
+
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_trainer_state_loads_plain_data_only(tmp_path, capsys):
+    """Resume reads trainer_state.pt with weights_only: RNG states round-trip (numpy's as a tensor,
+    and the numpy arrays of states written before that), and a pickled callable is refused unrun."""
+    import random
+
+    import numpy as np
+
+    from openk2.checkpoint.store import STATE_FILE, load_trainer_state, rng_state, set_rng_state
+
+    np.random.seed(1), random.seed(2), torch.manual_seed(3)
+    saved = rng_state()
+    expected = (np.random.rand(), random.random(), torch.rand(1).item())
+    torch.save({"rng": saved, "config": {"lr": 0.02, "tags": ["a", None]}}, tmp_path / STATE_FILE)
+    set_rng_state(load_trainer_state(tmp_path)["rng"])
+    assert (np.random.rand(), random.random(), torch.rand(1).item()) == expected
+
+    legacy = {"numpy": np.random.get_state(), "torch": torch.get_rng_state(), "python": random.getstate()}
+    torch.save({"rng": legacy}, tmp_path / STATE_FILE)
+    assert isinstance(load_trainer_state(tmp_path)["rng"]["numpy"][1], np.ndarray)
+
+    torch.save({"optimizer": _RunsCode()}, tmp_path / STATE_FILE)
+    with pytest.raises(CheckpointError, match="not plain data"):
+        load_trainer_state(tmp_path)
+    assert "pickled code ran" not in capsys.readouterr().out

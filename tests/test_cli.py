@@ -234,6 +234,22 @@ def test_eval_caps_max_tokens_in_process(ckpt):
     assert ok.error is None and capped.capped == 1
 
 
+def test_eval_cap_fills_in_max_tokens_none(ckpt):
+    """max_tokens None asks for as many tokens as fit: the capped backend sets the room left."""
+    from openk2.tokenizer.chat import encode_chat
+
+    local = LocalBackend(ckpt, max_batch=2)
+    count = lambda r: len(encode_chat(local.tokenizer, r.messages, r.tools, add_generation_prompt=True).ids)  # noqa: E731
+    seen = []
+    capped = ContextCappedBackend(local, local.engine.max_seq_len, count)
+    spy = {"chat_many": lambda _, reqs: seen.extend(reqs) or local.chat_many(reqs)}
+    capped.backend = type("Spy", (), spy)()
+    (ok,) = capped.chat_many([_long_request(None)])
+    local.close()
+    room = local.engine.max_seq_len - count(_long_request(None)) + 1
+    assert ok.error is None and seen[0].max_tokens == room and capped.capped == 1
+
+
 def test_serve_start_up_summary_is_plain_text(ckpt):
     from openk2.serve.cli import load_engine, summary
 

@@ -172,6 +172,29 @@ def test_normalize_tool_call_ids():
     assert "## Return of functions.fetch:1" in render(out)
 
 
+def test_normalize_tool_call_ids_never_makes_two_calls_share_an_id():
+    """A kept K2 id at a later position that equals the positional id of an earlier foreign id."""
+
+    def call(i, name):
+        return {"id": i, "type": "function", "function": {"name": name, "arguments": "{}"}}
+
+    history = [
+        {"role": "user", "content": "q"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [call("call_x", "get"), call("functions.get:0", "get")],
+        },
+        {"role": "tool", "tool_call_id": "call_x", "content": "first"},
+        {"role": "tool", "tool_call_id": "functions.get:0", "content": "second"},
+    ]
+    out = normalize_tool_call_ids(history)
+    ids = [c["id"] for c in out[1]["tool_calls"]]
+    assert len(set(ids)) == 2 and ids[1] == "functions.get:0" and ids[0].startswith("functions.get:")
+    assert [m["tool_call_id"] for m in out[2:]] == ids  # each answer still points at its own call
+    assert normalize_tool_call_ids(out) == out
+
+
 def test_encode_chat_thinking_masks_reasoning_as_assistant_output():
     tok = K2Tokenizer.default()
     turn = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -240,3 +241,23 @@ def test_unknown_model_type_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"config\.json.*unknown model_type 'llama'"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("hidden_size", "64", "hidden_size must be an integer, got '64'"),
+        ("num_attention_heads", 0, "num_attention_heads must be at least 1"),
+        ("n_routed_experts", -8, "n_routed_experts must be non-negative"),
+        ("rms_norm_eps", "tiny", "rms_norm_eps must be a finite number"),
+        ("tie_word_embeddings", 1, "tie_word_embeddings must be true or false"),
+    ],
+)
+def test_config_values_of_the_wrong_kind_name_the_field(tmp_path, key, value, message):
+    """A hand-edited config.json with a string, zero or negative size fails at load with the field's
+    name, not deep inside torch."""
+    cfg = ModelConfig.from_preset("tiny").to_hf_dict()
+    cfg[key] = value
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ModelConfig.from_pretrained(tmp_path)

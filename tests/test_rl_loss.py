@@ -8,7 +8,14 @@ import torch
 
 from openk2.config import ModelConfig
 from openk2.model.transformer import Transformer
-from openk2.rl.loss import k15_loss, masked_lm_loss, pack_sequences, sequence_logprobs, token_logprobs
+from openk2.rl.loss import (
+    k15_loss,
+    masked_lm_loss,
+    masked_sequence_logprobs,
+    pack_sequences,
+    sequence_logprobs,
+    token_logprobs,
+)
 from openk2.rl.schedules import TemperatureSchedule
 
 
@@ -80,6 +87,30 @@ def test_sequence_logprobs_sum_only_response_tokens():
         ids = torch.tensor([p + r])
         lp = token_logprobs(model(ids)[:, :-1], ids[:, 1:])[0]
         torch.testing.assert_close(got[i], lp[len(p) - 1 :].sum(), atol=1e-5, rtol=0)
+
+
+def test_loss_masks_keep_context_tokens_out_of_the_sequence_logprobs():
+    """A multi-turn response: sampled tokens (mask 1) and appended tool output (mask 0). The sequence
+    log-prob sums the sampled ones only, and a context token's value changes nothing but the context."""
+    model = _tiny()
+    prompt, response, mask = [1, 2, 3], [6, 7, 40, 41, 42, 8, 9], [1, 1, 0, 0, 0, 1, 1]
+    batch = pack_sequences([prompt, [4, 5]], [response, [8]], loss_masks=[mask, [1]])
+    assert batch["response_mask"][0].tolist() == [0, 0, 0, *mask] and batch["response_mask"][1].tolist()[
+        :3
+    ] == [0, 0, 1]
+    got = sequence_logprobs(model, batch)
+    ids = torch.tensor([prompt + response])
+    lp = token_logprobs(model(ids)[:, :-1], ids[:, 1:])[0]
+    keep = [len(prompt) - 1 + i for i, m in enumerate(mask) if m]
+    torch.testing.assert_close(got[0], lp[keep].sum(), atol=1e-5, rtol=0)
+    logits = model(batch["input_ids"])
+    torch.testing.assert_close(
+        masked_sequence_logprobs(logits, batch["input_ids"], batch["response_mask"]), got
+    )
+    with pytest.raises(ValueError, match="one 0/1 per response token"):
+        pack_sequences([prompt], [response], loss_masks=[mask[:-1]])
+    with pytest.raises(ValueError, match="one 0/1 per response token"):
+        pack_sequences([prompt], [response], loss_masks=[])
 
 
 def test_masked_lm_loss_counts_only_masked_targets():

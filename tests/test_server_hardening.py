@@ -466,6 +466,22 @@ def test_nested_json_is_a_4xx_openai_error(server, path):
     assert r.status_code < 500, r.text[:300]
 
 
+def test_completions_with_too_many_choices_are_refused(server):
+    """Hundreds of prompts (or prompts x n over the cap) in one request are a 400, not a queue hog."""
+    many = {"model": MODEL, "prompt": ["hi"] * 500, "max_tokens": 1}
+    assert (
+        "at most 64 prompts"
+        in assert_openai_error(post_raw(server, "/v1/completions", json.dumps(many).encode()), 400)["message"]
+    )
+    product = {"model": MODEL, "prompt": ["hi"] * 8, "n": 9, "max_tokens": 1}
+    err = assert_openai_error(
+        post_raw(server, "/v1/completions", json.dumps(product).encode()), 400, "prompt"
+    )
+    assert "8 x 9" in err["message"]
+    ok = client_for(server).completions.create(model=MODEL, prompt=["hi"] * 16, n=4, max_tokens=1)
+    assert len(ok.choices) == 64
+
+
 def test_malformed_bodies_are_4xx_json(server):
     for content in [b"", b"{", b"\xff\xfe", b"[1, 2]", b'"text"', b"null", b'{"model": NaN}', b"{}"]:
         for path in ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"):

@@ -68,8 +68,8 @@ def _warn(message: str, stacklevel: int = 3) -> None:
 
 # ------------------------------------------------------------------------------------------ RNG state
 def rng_state() -> dict:
-    """The torch, numpy, python (and CUDA) RNG states in types `torch.load(weights_only=True)` reads:
-    numpy's key array is stored as a tensor."""
+    """Every generator's state in plain types and tensors (numpy's key array as an int64 tensor), so
+    the trainer state loads with `torch.load(weights_only=True)`: no pickled code runs on resume."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
     state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
@@ -81,7 +81,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((name, keys, *rest))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -393,21 +395,20 @@ def _delete(ckpt: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ load
-# what numpy's RNG state of a checkpoint written before `rng_state` stored it as a tensor unpickles to
-_NUMPY_CORE = np._core if hasattr(np, "_core") else np.core  # renamed in numpy 2
-_LEGACY_NUMPY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _NUMPY_CORE.multiarray._reconstruct]
-
-
 def load_trainer_state(path: str | os.PathLike) -> dict:
     """The trainer state of a training checkpoint; CheckpointError when it is missing or unreadable."""
     file = Path(path) / STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no {STATE_FILE}; this is a model checkpoint, not a training one")
     try:
-        # weights_only: a trainer state holds tensors and plain values only, so loading one never runs
-        # code from the file; numpy arrays are allowed for the RNG state of older checkpoints
-        with torch.serialization.safe_globals(_LEGACY_NUMPY_GLOBALS):
+        # numpy's array reconstruction is allowed for states written before rng_state() stored
+        # plain tensors; anything else that would run pickled code is refused
+        core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+        legacy_numpy = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+        with torch.serialization.safe_globals(legacy_numpy):
             return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... on bad bytes
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{file}: unreadable trainer state, truncated or corrupt ({reason})") from e
+        raise CheckpointError(
+            f"{file}: unreadable trainer state: truncated, corrupt or not plain data ({reason})"
+        ) from e

@@ -273,17 +273,18 @@ class ContextCappedBackend:
             except (ValueError, KeyError, TypeError):
                 pass  # a malformed request: the backend reports it
         limit = max(1, room)
-        if req.max_tokens > limit:
+        if req.max_tokens is None or req.max_tokens > limit:  # None asks for as many as fit
             self.capped += 1
             return replace(req, max_tokens=limit)
         return req
 
     def _retry_room(self, req, error: str) -> int:
+        asked = req.max_tokens if req.max_tokens is not None else (self.context or 2)
         for pattern in _PROMPT_TOKENS:
             m = pattern.search(error)
             if m and self.context is not None:
-                return min(req.max_tokens - 1, self.context - int(m.group(1)))
-        return req.max_tokens // 2
+                return min(asked - 1, self.context - int(m.group(1)))
+        return asked // 2
 
     def _send(self, method: str, requests: list) -> list:
         requests = [self._cap(r) for r in requests]

@@ -2,7 +2,10 @@
 
 An environment hands out tasks (chat messages, optionally tools) and turns an assistant message into a
 reward. Single-turn environments only implement `generate` and `score`; multi-turn ones (tool use)
-override `reset`/`step`. Verifiers never raise on model output: malformed or adversarial answers get
+set `multi_turn` and override `reset`/`step`: the rollout worker (rl/rollout.py) gives each episode
+its own deep copy of the environment and keeps paused episodes in checkpoints, so a multi-turn
+environment must be deep-copyable and picklable, and `step` must take any assistant message.
+Verifiers never raise on model output: malformed or adversarial answers get
 reward 0 and a `reason` in `info`, because one crashing rollout must not kill an RL step.
 
 Answer convention (what the prompts ask for and what `extract_answer` reads): the content of the last

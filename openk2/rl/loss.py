@@ -9,7 +9,9 @@ tau * log(pi_theta / pi_old) = r_i - mean r, i.e. the closed-form solution of re
 with a KL(pi_theta || pi_old) penalty of strength tau. Its gradient at pi_theta = pi_old is
 -2 tau / K * sum_i (r_i - mean r) grad log pi_theta(y_i|x), a policy gradient with a group-mean
 baseline; as pi_theta moves away from pi_old over several updates on the same rollouts, the squared
-term pulls it back (a trust region without clipping). Log-probs are sums over the response tokens.
+term pulls it back (a trust region without clipping). Log-probs are sums over the tokens the policy
+sampled: in a multi-turn episode the tool outputs and user turns are context, not actions, and are
+masked out (`pack_sequences(..., loss_masks=...)`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def k15_loss(
 ) -> torch.Tensor:
     """Mean over prompts of the K1.5 loss.
 
-    logp, logp_old, rewards: (N,) per sample (sequence log-probs are sums over response tokens);
+    logp, logp_old, rewards: (N,) per sample (sequence log-probs are sums over the sampled tokens);
     group: (N,) long, the prompt each sample belongs to (ids 0..G-1, any order, groups may differ in
     size). Groups of one sample have advantage 0 and only the drift term remains.
     """
@@ -52,10 +54,18 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the response tokens' log-probs per sequence; batch from `pack_sequences`."""
-    logits = model(batch["input_ids"])
-    lp = token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:])
-    return (lp * batch["response_mask"][:, 1:]).sum(-1)
+    """Sum of the log-probs of the tokens in the loss (the sampled ones) per sequence; batch from
+    `pack_sequences`."""
+    return masked_sequence_logprobs(model(batch["input_ids"]), batch["input_ids"], batch["response_mask"])
+
+
+def masked_sequence_logprobs(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """sum_t mask[t] * log p(input_ids[t] | input_ids[:t]) per sequence, from logits (B, T, V): the
+    logits at t - 1 predict token t, so a token outside the mask sends no gradient to any logit."""
+    lp = token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    return (lp * mask[:, 1:]).sum(-1)
 
 
 def masked_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -67,15 +77,30 @@ def masked_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Te
     return causal_lm_loss(logits[:, :-1], input_ids[:, 1:], target_mask)
 
 
-def pack_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int = 0) -> dict:
-    """Right-padded (prompt + response) ids and a mask of the response positions. Right padding keeps
-    every real token's position and causal context unchanged, so no attention mask is needed."""
+def pack_sequences(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int = 0,
+    loss_masks: list[list[int]] | None = None,
+) -> dict:
+    """Right-padded (prompt + response) ids and a mask of the positions in the loss: every response
+    token, or where `loss_masks` (one per response, 1 = in the loss) says so, which is how the tool
+    outputs and user turns of a multi-turn episode stay in the context but out of the log-probs.
+    Right padding keeps every real token's position and causal context unchanged, so no attention
+    mask is needed."""
     if len(prompts) != len(responses) or not prompts:
         raise ValueError("pack_sequences needs matching, non-empty lists of prompts and responses")
+    if loss_masks is not None and (
+        len(loss_masks) != len(responses) or any(len(m) != len(r) for m, r in zip(loss_masks, responses))
+    ):
+        raise ValueError("pack_sequences: loss_masks must give one 0/1 per response token")
     length = max(len(p) + len(r) for p, r in zip(prompts, responses))
     ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     mask = torch.zeros(len(prompts), length)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-        mask[i, len(p) : len(p) + len(r)] = 1.0
+        if loss_masks is None:
+            mask[i, len(p) : len(p) + len(r)] = 1.0
+        elif r:
+            mask[i, len(p) : len(p) + len(r)] = torch.tensor(loss_masks[i], dtype=torch.float32)
     return {"input_ids": ids, "response_mask": mask}

@@ -4,7 +4,8 @@ One iteration:
   1. temperature from the decay schedule; draw prompts from the environments (by weight);
   2. roll out K samples per prompt through the engine (budget control, partial rollout); groups
      that finish in this iteration are scored by their verifier or by the self-critic;
-  3. pi_old: the trainer recomputes the response log-probs with the current weights before the
+  3. pi_old: the trainer recomputes the log-probs of the sampled tokens (a multi-turn episode's tool
+     outputs and user turns are context, outside the loss mask) with the current weights before the
      update. These are the weights the engine sampled with (they are synced after every step), so
      this *is* the rollout policy; recomputing rather than reusing the engine's recorded log-probs
      keeps the loss exact for resumed partial rollouts (their early tokens came from older weights)
@@ -42,7 +43,7 @@ from openk2.optim.muon import MuonClip
 from openk2.rl.critique import CritiqueConfig, SelfCritic, question_text
 from openk2.rl.env import Environment, Task, make_env
 from openk2.rl.loss import k15_loss, masked_lm_loss, pack_sequences, sequence_logprobs
-from openk2.rl.rollout import Group, RolloutWorker, prompt_ids, run_requests
+from openk2.rl.rollout import Budget, Group, RolloutWorker, prompt_ids, run_requests
 from openk2.rl.schedules import TemperatureSchedule
 from openk2.rl.state import from_plain, to_plain
 from openk2.rl.weight_sync import RemoteEngine
@@ -57,9 +58,16 @@ from openk2.train.config import ConfigError, RunOptions, check_tokenizer_name, f
 class EnvSpec:
     name: str
     kwargs: dict = field(default_factory=dict)
-    max_tokens: int = 64  # budget: a response reaching it without stopping is truncated
+    max_tokens: int = 64  # budget: a response (multi-turn: a turn) reaching it unstopped is truncated
+    max_turns: int = 8  # multi-turn environments: assistant turns per episode
+    episode_tokens: int | None = None  # multi-turn: sampled tokens per episode (None: max_tokens * max_turns)
+    tool_tokens: int = 256  # multi-turn: tokens appended after one turn; longer tool outputs are clipped
+    tool_choice: str = "auto"  # multi-turn: "required" or a tool name forces the first turn to call tools
     weight: float = 1.0  # share of each step's prompts
     reward: str = "verifier"  # "verifier" or "critique" (self-critique rubric reward)
+
+    def budget(self) -> Budget:
+        return Budget(self.max_tokens, self.max_turns, self.episode_tokens, self.tool_tokens)
 
 
 @dataclass(kw_only=True)
@@ -129,6 +137,10 @@ class RLConfig(RunOptions):
                 raise ConfigError(f"env {e.name}: reward must be 'verifier' or 'critique', got {e.reward!r}")
             if e.max_tokens < 1 or e.weight <= 0:
                 raise ConfigError(f"env {e.name}: max_tokens must be >= 1 and weight > 0")
+            try:
+                e.budget()
+            except ValueError as err:
+                raise ConfigError(f"env {e.name}: {err}") from None
         if self.prompts_per_step < 1 or self.updates_per_step < 1:
             raise ConfigError("prompts_per_step and updates_per_step must be >= 1")
         if self.samples_per_prompt < 2:
@@ -207,13 +219,23 @@ def evaluate(
     engine: Engine,
     env: Environment,
     tasks: list[Task],
-    max_tokens: int,
+    max_tokens: int | Budget,
     temperature: float = 0.0,
     samples: int = 1,
     seed: int = 0,
     system_prompt: str | None = "",
+    tool_choice: str = "auto",
 ) -> dict:
-    """Mean verifier reward on held-out tasks (truncated responses count as 0), and mean length."""
+    """Mean verifier reward on held-out tasks (truncated responses count as 0), and mean length.
+    A multi-turn environment's tasks run as whole episodes, as in training (`max_tokens` then is their
+    Budget, `tool_choice` their first turn's); their length is the sampled tokens per episode, and the
+    turns and tool calls are averaged too."""
+    if env.multi_turn:
+        return _evaluate_episodes(
+            engine, env, tasks, max_tokens, temperature, samples, seed, system_prompt, tool_choice
+        )
+    if isinstance(max_tokens, Budget):
+        max_tokens = max_tokens.turn_tokens
     tok = engine.tokenizer
     prompts = [prompt_ids(tok, t, system_prompt) for t in tasks]
     params = [
@@ -233,6 +255,32 @@ def evaluate(
         "reward": sum(rewards) / len(rewards),
         "length": sum(lengths) / len(lengths),
         "truncation": truncated / len(rewards),
+    }
+
+
+def _evaluate_episodes(
+    engine, env, tasks, budget, temperature, samples, seed, system_prompt, tool_choice
+) -> dict:
+    budget = budget if isinstance(budget, Budget) else Budget(budget)
+    worker = RolloutWorker(
+        engine,
+        {env.name: env},
+        {env.name: budget},
+        samples,
+        truncation_penalty=0.0,
+        system_prompt=system_prompt,
+        tool_choice={env.name: tool_choice},
+    )
+    episodes = [
+        s for g in worker.rollout([(env.name, t) for t in tasks], temperature, seed) for s in g.samples
+    ]
+    n = len(episodes)
+    return {
+        "reward": sum(s.reward for s in episodes) / n,
+        "length": sum(s.sampled_tokens for s in episodes) / n,
+        "truncation": sum(s.truncated for s in episodes) / n,
+        "turns": sum(s.episode.turns for s in episodes) / n,
+        "tool_calls": sum(s.episode.tool_calls for s in episodes) / n,
     }
 
 
@@ -261,37 +309,39 @@ class RLTrainer:
             tokenizer = tokenizer_by_name(c.tokenizer, model.config.vocab_size)
         self.tokenizer = tokenizer
         self.model.train()
-        # The engine serves its own copy of the weights, as a colocated inference engine does;
-        # `sync` copies the trainer's weights into it after every step.
-        engine_model = build_model_like(self.model)
-        max_len = max(e.max_tokens for e in c.envs) + 512
-        self.engine = Engine(
-            engine_model,
-            self.tokenizer,
-            max_batch=max(c.engine_batch, c.samples_per_prompt),
-            max_seq_len=min(self.model.config.max_position_embeddings, max_len),
-        )
-        self.sync()
-        self.optimizer = MuonClip(
-            self.model, lr=c.lr, weight_decay=c.weight_decay, adamw_lr=c.adamw_lr, qk_clip_tau=100.0
-        )
         self.envs = {}
         for e in c.envs:
             try:
                 self.envs[e.name] = make_env(e.name, **e.kwargs)
             except KeyError as err:
                 raise ConfigError(err.args[0]) from None
-            except TypeError as err:
+            except (TypeError, ValueError) as err:
                 raise ConfigError(f"env {e.name}: bad kwargs {e.kwargs} ({err})") from None
         self.specs = {e.name: e for e in c.envs}
+        self.eval_sets = {
+            name: env.sample_tasks(c.eval_tasks, seed=c.seed, split="test") for name, env in self.envs.items()
+        }
+        # The engine serves its own copy of the weights, as a colocated inference engine does;
+        # `sync` copies the trainer's weights into it after every step.
+        self.engine = Engine(
+            build_model_like(self.model),
+            self.tokenizer,
+            max_batch=max(c.engine_batch, c.samples_per_prompt),
+            max_seq_len=self._context_length(),
+        )
+        self.sync()
+        self.optimizer = MuonClip(
+            self.model, lr=c.lr, weight_decay=c.weight_decay, adamw_lr=c.adamw_lr, qk_clip_tau=100.0
+        )
         self.worker = RolloutWorker(
             self.engine,
             self.envs,
-            {e.name: e.max_tokens for e in c.envs},
+            {e.name: e.budget() for e in c.envs},
             c.samples_per_prompt,
             step_tokens=c.step_tokens,
             truncation_penalty=c.truncation_penalty,
             system_prompt=c.system_prompt,
+            tool_choice={e.name: e.tool_choice for e in c.envs},
         )
         self.temperature = c.temperature_schedule()
         self.ptx_rows = load_chat_jsonl(c.ptx_data, self.tokenizer) if c.ptx_data else []
@@ -304,9 +354,6 @@ class RLTrainer:
                 critic_model = load_model(c.critic, dtype=torch.float32)
                 self.critic = SelfCritic(critic_model, self.tokenizer, CritiqueConfig())
                 self.critic_optimizer = MuonClip(critic_model, lr=c.critic_lr, weight_decay=0.0)
-        self.eval_sets = {
-            name: env.sample_tasks(c.eval_tasks, seed=c.seed, split="test") for name, env in self.envs.items()
-        }
         self._task_seed = 0
         self.log_fn = log_fn
         self.history: list[dict] = []
@@ -320,6 +367,35 @@ class RLTrainer:
             self.sync()
 
     # ------------------------------------------------------------------ pieces
+    def _context_length(self) -> int:
+        """The engine's context: the longest prompt seen (the held-out tasks and a draw of training
+        tasks) with 25% headroom, plus the episode budget (turn budget, or for multi-turn: episode
+        tokens + appended tool outputs), and never less than the turn budget + 512 it always had;
+        capped by the model's positions. A prompt too long for it later is truncated, not a crash; a
+        model whose positions cannot hold the prompts seen is a config error."""
+        positions = self.model.config.max_position_embeddings
+        need, longest_prompt = 0, 0
+        for name, env in self.envs.items():
+            tasks = self.eval_sets[name] + env.sample_tasks(8, seed=-1)
+            choice = self.specs[name].tool_choice
+            if choice not in ("auto", "required"):
+                offered = {t["function"]["name"] for task in tasks for t in task.tools or []}
+                if choice not in offered:
+                    raise ConfigError(
+                        f"env {name}: tool_choice must be 'auto', 'required' or one of its tools "
+                        f"({', '.join(sorted(offered)) or 'none offered'}), got {choice!r}"
+                    )
+            longest = max(len(prompt_ids(self.tokenizer, t, self.config.system_prompt)) for t in tasks)
+            spec = self.specs[name]
+            need = max(need, spec.max_tokens + 512, spec.budget().context(longest * 5 // 4, env.multi_turn))
+            longest_prompt = max(longest_prompt, longest)
+        if longest_prompt >= positions:
+            raise ConfigError(
+                f"the prompts need {longest_prompt} tokens but the model has {positions} positions "
+                "(raise max_position_embeddings in model_overrides, or use a denser tokenizer)"
+            )
+        return min(positions, need)
+
     def sync(self) -> float:
         """Trainer -> engine weight copy (in-process); returns seconds."""
         return self.engine.load_weights(self.model)
@@ -388,7 +464,11 @@ class RLTrainer:
         if not samples:
             rec["rollout_s"] = t_rollout
             return rec
-        batch = pack_sequences([s.prompt_ids for s in samples], [s.response_ids for s in samples])
+        batch = pack_sequences(
+            [s.prompt_ids for s in samples],
+            [s.response_ids for s in samples],
+            loss_masks=[s.loss_mask for s in samples],
+        )
         group_ids = torch.tensor([gi for gi, g in enumerate(groups) for _ in g.samples])
         rewards = torch.tensor([s.reward for s in samples])
         with torch.no_grad():
@@ -410,6 +490,9 @@ class RLTrainer:
                 logp = sequence_logprobs(self.model, batch)
                 loss = k15_loss(logp, logp_old, rewards, group_ids, c.tau)
                 rec["rl_loss"] = loss.item()
+                # mean |log pi_theta - log pi_old| per sample: 0 at the first update, the size of what
+                # tau regularises at the later ones
+                rec["log_ratio"] = float((logp.detach() - logp_old).abs().mean())
             if use_ptx:
                 ptx = self.ptx_loss()
                 loss = loss + c.ptx_weight * ptx
@@ -430,7 +513,7 @@ class RLTrainer:
             rec["critic_loss"], rec["critic_accuracy"] = critic_loss.item(), acc
         with torch.no_grad():
             logp_new = sequence_logprobs(self.model, batch)
-        n_tokens = batch["response_mask"].sum(-1)
+        n_tokens = batch["response_mask"].sum(-1).clamp(min=1)
         rec.update(
             reward=float(rewards.mean()),
             length=float(n_tokens.mean()),
@@ -443,6 +526,11 @@ class RLTrainer:
             else None,
             rollout_s=t_rollout,
         )
+        episodes = [(g.env, s) for g in groups for s in g.samples if s.episode is not None]
+        if episodes:
+            rec["turns"] = sum(s.episode.turns for _, s in episodes) / len(episodes)
+            rec["tool_calls"] = sum(s.episode.tool_calls for _, s in episodes) / len(episodes)
+            rec["episodes"] = [episode_record(env, s) for env, s in episodes]
         rec["sync_s"] = self.sync()
         rec["step_s"] = time.perf_counter() - t0
         rec.update(self._remote_sync_stats())
@@ -453,8 +541,8 @@ class RLTrainer:
         out = {}
         for name, tasks in self.eval_sets.items():
             r = evaluate(
-                self.engine, self.envs[name], tasks, self.specs[name].max_tokens,
-                c.eval_temperature, c.eval_samples, seed, c.system_prompt,
+                self.engine, self.envs[name], tasks, self.specs[name].budget(),
+                c.eval_temperature, c.eval_samples, seed, c.system_prompt, self.specs[name].tool_choice,
             )  # fmt: skip
             out.update({f"eval/{name}/{k}": v for k, v in r.items()})
         out["eval/reward"] = sum(v for k, v in out.items() if k.endswith("/reward")) / len(self.eval_sets)
@@ -588,6 +676,23 @@ class _RLConsole:
     def update(self, record: dict, eval_record: dict | None = None) -> None:
         self.trainer._record(record)
         return None
+
+
+def episode_record(env: str, s) -> dict:
+    """One multi-turn episode in the step's log record."""
+    ep = s.episode
+    return {
+        "env": env,
+        "turns": ep.turns,
+        "tool_calls": ep.tool_calls,
+        "tool_call_errors": len(ep.tool_call_errors),
+        "sampled_tokens": s.sampled_tokens,
+        "appended_tokens": len(s.response_ids) - s.sampled_tokens,  # tool outputs, user turns, templates
+        "reward": s.reward,
+        "finish": s.finish_reason,
+        "reason": s.info.get("reason"),
+        "cut_by": s.info.get("truncated"),  # the budget that truncated it, if one did
+    }
 
 
 def build_model_like(model: Transformer) -> Transformer:

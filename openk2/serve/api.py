@@ -47,7 +47,7 @@ from openk2.serve.openai_chat import (
     response_format_grammar,
     sampling_params,
 )
-from openk2.serve.sampling import SamplingParams, TokenLogprob
+from openk2.serve.sampling import MAX_CHOICES, SamplingParams, TokenLogprob
 from openk2.serve.tokenization import tokenization_router
 
 # paths that need the API key when the server has one (/health and /metrics stay open, as in vLLM)
@@ -306,6 +306,10 @@ def create_app(
             if echo:
                 raise APIError(400, "'echo' together with 'logprobs' is not supported", "echo")
         params.grammar = response_format_grammar(body.get("response_format"), grammars)
+        if len(prompts) * params.n > MAX_CHOICES:
+            asked = f"{len(prompts)} x {params.n}"
+            message = f"at most {MAX_CHOICES} completions per request (prompts x n), got {asked}"
+            raise APIError(400, message, "prompt")
         for p in prompts:
             check_fits(engine, p, params, "prompt")
         usage_wanted = include_usage(body)
@@ -495,5 +499,7 @@ def _completion_prompts(prompt: Any, tokenizer) -> list[list[int]]:
         raise APIError(400, "'prompt' must be a string, a list of strings or a list of token ids", "prompt")
 
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_CHOICES:  # refused before any tokenising
+            raise APIError(400, f"at most {MAX_CHOICES} prompts per request, got {len(prompt)}", "prompt")
         return [one(p) for p in prompt]
     return [one(prompt)]

@@ -19,6 +19,7 @@ import torch
 
 K2_DEFAULT_TEMPERATURE = 0.6  # Kimi K2's recommended sampling temperature
 MAX_N = 16
+MAX_CHOICES = 64  # completions per request (prompts x n): one request cannot monopolise the engine
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 16
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on the number of biased tokens

@@ -183,11 +183,21 @@ def normalize_tool_call_ids(messages: list[dict]) -> list[dict]:
     """Historical tool-call ids rewritten to K2's `functions.NAME:IDX` (K2's guidance to serving
     stacks: the model was trained on its own ids, and `search:0` or `call_abc` in the history
     degrades its later calls). Ids already of that form are kept; any other id becomes
-    `functions.NAME:IDX` with IDX the call's position among all tool calls of the conversation,
-    and the tool messages answering it get the same new id. Returns new message dicts (the
+    `functions.NAME:IDX` with IDX the call's position among all tool calls of the conversation
+    (or the next free index where a kept id already holds that one, so ids stay unique), and the
+    tool messages answering it get the same new id. Returns new message dicts (the
     input is not modified); messages that are not dicts pass through for `segments` to reject."""
     out: list[dict] = []
     renamed: dict[str, str] = {}
+    # ids already in K2's form are kept, so a new id must not take one of them (a client that mixes
+    # `functions.get:1` with `call_x` at position 1 would otherwise get two calls with one id)
+    taken = {
+        call.get("id")
+        for m in messages
+        if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("tool_calls"), list)
+        for call in m["tool_calls"]
+        if isinstance(call, dict) and isinstance(call.get("id"), str) and _K2_CALL_ID.fullmatch(call["id"])
+    }
     count = 0
     for m in messages:
         if not isinstance(m, dict):
@@ -206,7 +216,11 @@ def normalize_tool_call_ids(messages: list[dict]) -> list[dict]:
                         and name
                         and not (isinstance(old, str) and _K2_CALL_ID.fullmatch(old))
                     ):
-                        new = f"functions.{name}:{count}"
+                        index = count
+                        while f"functions.{name}:{index}" in taken:
+                            index += 1  # the next free index: unique beats positional
+                        new = f"functions.{name}:{index}"
+                        taken.add(new)
                         if isinstance(old, str) and old:
                             renamed[old] = new
                         call = {**call, "id": new}
@@ -336,6 +350,33 @@ def encode_chat(
     variant: str = "instruct",
 ) -> ChatEncoding:
     """Token ids plus the assistant mask (its content, tool-call section and closing <|im_end|>)."""
+    return _encode_segments(tokenizer, segments(messages, tools, add_generation_prompt, variant))
+
+
+def encode_continuation(
+    tokenizer: K2Tokenizer,
+    history: list[dict],
+    appended: list[dict],
+    tools: list[dict] | None = None,
+    add_generation_prompt: bool = True,
+    variant: str = "instruct",
+) -> ChatEncoding:
+    """The tokens that `appended` messages add after the conversation `history` (then the generation
+    prompt): `encode_chat(history) + encode_continuation(history, appended)` equals
+    `encode_chat(history + appended)`. A multi-turn rollout extends its context with this after an
+    assistant turn (tool results, user turns), so the wire format stays in this module. Raises
+    ValueError when appending would change how `history` renders (the thinking variant drops earlier
+    reasoning once a later plain assistant turn exists), since then no continuation exists."""
+    before = segments(history, tools, False, variant)
+    after = segments(list(history) + list(appended), tools, add_generation_prompt, variant)
+    if after[: len(before)] != before:
+        raise ValueError("appending these messages changes how the earlier turns render; re-encode instead")
+    return _encode_segments(tokenizer, after[len(before) :])
+
+
+def _encode_segments(tokenizer: K2Tokenizer, segs: list[Segment]) -> ChatEncoding:
+    """Segments -> ids and assistant mask: markers as their special ids, adjacent text pieces encoded
+    together with specials disabled."""
     ids: list[int] = []
     mask: list[bool] = []
     pending: list[str] = []  # adjacent text pieces are encoded together, as in the rendered string
@@ -348,7 +389,7 @@ def encode_chat(
             mask.extend([pending_asst] * len(piece))
             pending.clear()
 
-    for seg in segments(messages, tools, add_generation_prompt, variant):
+    for seg in segs:
         if seg.special:
             flush()
             ids.append(tokenizer.special_ids[seg.text])
