@@ -96,7 +96,9 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     saved_at = load_trainer_state(first)["step"]
     assert saved_at < STEPS, "the kill landed after the run ended"
     state = load_trainer_state(first)
-    assert state["paused_rollouts"], "no rollout was paused at the checkpoint: the test would not cover them"
+    assert from_plain(state["rollout_worker"])["pending"], (
+        "no rollout was paused at the checkpoint: the test would not cover them"
+    )
     start = _weights(first)
 
     resumed = _rl(config, killed)
@@ -155,7 +157,7 @@ def test_trainer_state_is_weights_only_and_round_trips_paused_rollouts(tmp_path)
     path = tmp_path / STATE_FILE
     torch.save(trainer.state_dict(), path)
     state = torch.load(path, weights_only=True)
-    assert from_plain(state["paused_rollouts"]) == trainer.worker.pending
+    assert from_plain(state["rollout_worker"])["pending"] == trainer.worker.pending
     group = Group("arithmetic", trainer.worker.pending[0].task, [Sample([1, 2], [3], [-0.5])], started=0)
     assert from_plain(to_plain([group, (1, "x")])) == [group, (1, "x")]
     with pytest.raises(ValueError, match="not an openk2 class"):

@@ -560,8 +560,7 @@ class RLTrainer:
             "rng": rng_state(),
             "task_rng": self.rng.getstate(),
             "task_seed": self._task_seed,
-            "rollout_iteration": self.worker.iteration,
-            "paused_rollouts": to_plain(self.worker.pending, "paused rollouts"),
+            "rollout_worker": to_plain(self.worker.state_dict(), "rollout worker"),  # paused rollouts
             "flat_steps": self._flat_steps,
         }
         if self.critic_optimizer is not None:
@@ -581,8 +580,11 @@ class RLTrainer:
             self.critic.model.load_state_dict(state["critic_model"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
         self.rng.setstate(state["task_rng"])
-        self._task_seed, self.worker.iteration = state["task_seed"], state["rollout_iteration"]
-        self.worker.pending = from_plain(state.get("paused_rollouts", []))
+        self._task_seed = state["task_seed"]
+        if "rollout_worker" in state:
+            self.worker.load_state_dict(from_plain(state["rollout_worker"]))
+        else:  # written before paused rollouts were kept
+            self.worker.load_state_dict({"iteration": state["rollout_iteration"], "pending": []})
         self._flat_steps = state.get("flat_steps", 0)
         set_rng_state(state["rng"])
         self.sync()
