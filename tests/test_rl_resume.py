@@ -21,7 +21,7 @@ import pytest
 import torch
 from serve_util import MODEL, LiveServer
 
-from openk2.checkpoint import load, resolve_checkpoint
+from openk2.checkpoint import load, resolve_checkpoint, save_model
 from openk2.checkpoint.store import STATE_FILE, list_checkpoints, load_trainer_state
 from openk2.client.factory import make_backend
 from openk2.client.types import ChatRequest
@@ -200,3 +200,33 @@ def _saved(obj) -> io.BytesIO:
     torch.save(obj, buf)
     buf.seek(0)
     return buf
+
+
+def test_paused_multi_turn_episodes_resume_exactly(tmp_path):
+    """tool_use episodes paused mid-turn (step_tokens) across a save: a trainer restored from the saved
+    weights and the weights-only state (episodes with their own shop worlds) takes the next steps to
+    the same weights, bit for bit, as one that never stopped."""
+    ptx = json.loads(_config(tmp_path).read_text())["ptx_data"]
+    env = {"name": "tool_use", "kwargs": {"failure_rate": 0.0}, "max_tokens": 40, "max_turns": 3,
+           "tool_tokens": 128, "tool_choice": "view_cart"}  # fmt: skip
+    cfg = {"envs": [env], "model_overrides": {"max_position_embeddings": 2048}, "prompts_per_step": 1,
+           "samples_per_prompt": 2, "eval_tasks": 1, "step_tokens": 10, "ptx_data": ptx, "ptx_weight": 1.0,
+           "ptx_batch": 3, "lr": 0.01, "engine_batch": 4, "out_dir": None}  # fmt: skip
+
+    def trainer() -> RLTrainer:
+        return RLTrainer(RLConfig.from_dict(cfg), log_fn=None)
+
+    straight = trainer()
+    for step in (1, 2, 3):
+        straight.step(step)
+    stopped = trainer()
+    stopped.step(1)
+    assert any(s.episode is not None for g in stopped.worker.pending for s in g.samples)
+    torch.save(stopped.state_dict(), tmp_path / STATE_FILE)
+    save_model(stopped.model, tmp_path / "ckpt")
+    resumed = trainer()
+    resumed.load(tmp_path / "ckpt", torch.load(tmp_path / STATE_FILE, weights_only=True))
+    for step in (2, 3):
+        resumed.step(step)
+    mine, theirs = resumed.model.state_dict(), straight.model.state_dict()
+    assert [k for k in mine if not torch.equal(mine[k], theirs[k])] == []
