@@ -55,7 +55,17 @@ class TrainingDiverged(RuntimeError):
 
 # Settings that change how a run is executed, not what it computes: changing them on resume is normal
 RUNTIME_KEYS = frozenset(
-    {"stop_at", "progress", "tensorboard", "threads", "device", "parallel", "log_every", "out_dir"}
+    {
+        "stop_at",
+        "progress",
+        "tensorboard",
+        "threads",
+        "device",
+        "parallel",
+        "log_every",
+        "out_dir",
+        "rollout_server",
+    }
 )
 # Model config keys that fix the parameters' shapes: a checkpoint differing in one cannot be resumed
 SHAPE_KEYS = (
