@@ -321,14 +321,18 @@ class RLTrainer:
         self.eval_sets = {
             name: env.sample_tasks(c.eval_tasks, seed=c.seed, split="test") for name, env in self.envs.items()
         }
-        # The engine serves its own copy of the weights, as a colocated inference engine does;
-        # `sync` copies the trainer's weights into it after every step.
-        self.engine = Engine(
-            build_model_like(self.model),
-            self.tokenizer,
-            max_batch=max(c.engine_batch, c.samples_per_prompt),
-            max_seq_len=self._context_length(),
-        )
+        # The engine serves its own copy of the weights, as a colocated inference engine does, or
+        # is another process (`rollout_server`); `sync` copies or pushes the trainer's weights into
+        # it after every step.
+        if c.rollout_server:
+            self.engine = RemoteEngine(c.rollout_server, self.tokenizer, max_parallel=c.engine_batch)
+        else:
+            self.engine = Engine(
+                build_model_like(self.model),
+                self.tokenizer,
+                max_batch=max(c.engine_batch, c.samples_per_prompt),
+                max_seq_len=self._context_length(),
+            )
         self.sync()
         self.optimizer = MuonClip(
             self.model, lr=c.lr, weight_decay=c.weight_decay, adamw_lr=c.adamw_lr, qk_clip_tau=100.0
@@ -360,11 +364,6 @@ class RLTrainer:
         self._flat_steps = 0  # steps in which no group had reward spread
         self.checkpoint: Path | None = None  # the last checkpoint `train` wrote
         self.interrupted: str | None = None  # the signal that stopped `train`, if one did
-        if c.rollout_server:  # roll out on another process: it replaces the in-process engine
-            self.engine = self.worker.engine = RemoteEngine(
-                c.rollout_server, self.tokenizer, max_parallel=c.engine_batch
-            )
-            self.sync()
 
     # ------------------------------------------------------------------ pieces
     def _context_length(self) -> int:
@@ -397,7 +396,7 @@ class RLTrainer:
         return min(positions, need)
 
     def sync(self) -> float:
-        """Trainer -> engine weight copy (in-process); returns seconds."""
+        """Trainer -> engine weights: a copy in-process, a push to a rollout server; returns seconds."""
         return self.engine.load_weights(self.model)
 
     def draw_tasks(self) -> list[tuple[str, Task]]:
