@@ -38,12 +38,16 @@ from openk2.model.transformer import Transformer
 from openk2.serve.cache import ContextLengthError, LatentCache
 from openk2.serve.constrained import Constraint, GrammarCompiler
 from openk2.serve.forward import CachedForward
+from openk2.serve.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from openk2.serve.sampling import SamplingParams, TokenLogprob, sample
 from openk2.tokenizer.tokenizer import IncrementalDecoder, K2Tokenizer
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Completion", "ContextLengthError", "Engine", "EngineFullError", "RequestOutput", "StreamEvent"]
+
+
+DEFAULT_PREFIX_CACHE_TOKENS = 8192  # of shared prompt prefixes kept (0 = off); see prefix_cache.py
 
 
 class EngineFullError(RuntimeError):
@@ -162,9 +166,13 @@ class Engine:
         max_prefill_tokens: int = 8192,
         compile: bool = False,
         request_timeout: float | None = None,
+        prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
+        prefix_block_size: int = DEFAULT_BLOCK_SIZE,
     ):
         if max_queue < 0 or max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        if prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be >= 0 (0 = off), got {prefix_cache_tokens}")
         if request_timeout is not None and not request_timeout > 0:
             raise ValueError(f"request_timeout must be positive seconds, got {request_timeout}")
         if tokenizer.vocab_size > model.config.vocab_size:
@@ -197,7 +205,10 @@ class Engine:
         self._pending: dict[str, _Request] = {}  # not yet retired, by id
         self._rng = torch.Generator(device=self.device)  # noise for unseeded sampling
         self._rng.seed()
-        self.forward = CachedForward(model, self.cache, compile=compile)
+        prefix = None
+        if prefix_cache_tokens:
+            prefix = PrefixCache(self.cache, prefix_cache_tokens, prefix_block_size)
+        self.forward = CachedForward(model, self.cache, compile=compile, prefix=prefix)
         if compile:
             # compile before the first request, not during it (about a minute on a laptop CPU the first
             # time; inductor's on-disk cache makes later starts take seconds)
@@ -216,6 +227,18 @@ class Engine:
     @property
     def max_seq_len(self) -> int:
         return self.cache.max_seq_len
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The prefix cache (None when off); it belongs to the forward, whose `refresh` clears it."""
+        return self.forward.prefix
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix. `load_weights` does this already (through
+        `forward.refresh`); call it after changing the model's weights any other way."""
+        with self._model_lock:
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
 
     def submit(
         self,
@@ -353,6 +376,7 @@ class Engine:
             "cache_bytes": self.cache.total_bytes,
             "cache_bytes_per_token": self.cache.bytes_per_token,
             "compiled": self.forward.compiled,
+            **(self.prefix_cache.stats() if self.prefix_cache is not None else {"prefix_cache_tokens": 0}),
         }
 
     # ------------------------------------------------------------------ scheduling
@@ -529,17 +553,27 @@ class Engine:
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """Prompts of newly admitted sequences, right-padded into one batch, written to their slots.
         Sequences of one request with n > 1 share a prompt: it is computed once and its cache rows
-        copied."""
+        copied. With the prefix cache, each prompt's longest cached prefix is copied into its slot
+        first and only the rest is run; afterwards its whole blocks are kept for later requests."""
         firsts: dict[str, _Sequence] = {}
         unique = [s for s in seqs if firsts.setdefault(s.req.id, s) is s]
-        lengths = [len(s.req.prompt) for s in unique]
+        prefix = self.prefix_cache
+        starts = [prefix.restore(s.req.prompt, s.slot) if prefix else 0 for s in unique]
+        lengths = [len(s.req.prompt) - start for s, start in zip(unique, starts)]
         ids = torch.zeros(len(unique), max(lengths), dtype=torch.long)
-        for i, s in enumerate(unique):
-            ids[i, : lengths[i]] = torch.tensor(s.req.prompt)
+        for i, (s, start) in enumerate(zip(unique, starts)):
+            ids[i, : lengths[i]] = torch.tensor(s.req.prompt[start:])
         slots = torch.tensor([s.slot for s in unique], device=self.device)
-        logits = self.forward.prefill(ids.to(self.device), torch.tensor(lengths, device=self.device), slots)
+        logits = self.forward.prefill(
+            ids.to(self.device),
+            torch.tensor(lengths, device=self.device),
+            slots,
+            torch.tensor(starts, device=self.device) if any(starts) else None,
+        )
         for s in unique:
             s.cached = len(s.req.prompt)
+            if prefix is not None:
+                prefix.store(s.req.prompt, s.slot)
             s.req.output.time_to_first_token = time.perf_counter() - s.req.arrival
         for s in seqs:
             first = firsts[s.req.id]
