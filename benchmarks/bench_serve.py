@@ -422,7 +422,7 @@ def main() -> None:
     ap.add_argument("--unfolded", action="store_true", help="also the unfolded W_uk/W_uv engine (fp32)")
     ap.add_argument("--one-at-a-time", action="store_true", help="also transformers one request at a time")
     ap.add_argument("--moe-table", action="store_true", help="also the MoE decode strategies (fp32)")
-    ap.add_argument("--system-rules", type=int, default=18, help="length of the shared system prompt")
+    ap.add_argument("--system-rules", type=int, default=7, help="length of the shared system prompt")
     args = ap.parse_args()
     dtypes = [getattr(torch, d.strip()) for d in args.dtypes.split(",")]
 

@@ -3,7 +3,9 @@
 One loop, one thread owns the model and the cache. Each `step()`:
   1. drops aborted requests and those past their deadline (their slots free at once);
   2. admits waiting requests into free slots and prefills them together (right-padded batch, one
-     forward), sampling each one's first token: a new request joins between two decode steps;
+     forward), sampling each one's first token: a new request joins between two decode steps. With
+     the prefix cache (prefix_cache.py, on by default), a prompt's longest cached prefix is copied
+     into its slot first and only the rest of the prompt is run;
   3. runs one decode step for every running sequence: one new token each, whatever its length;
   4. retires finished sequences (stop token, stop string, max_tokens, abort), which frees their slots.
 
@@ -154,6 +156,9 @@ class Engine:
     wait. A request that can never fit a slot is refused with ContextLengthError; a full queue with
     EngineFullError. With request_timeout (seconds), a request still unfinished that long after its
     submission, waiting or running, finishes with reason "timeout" and frees its slots.
+    prefix_cache_tokens (0 = off) bounds the prefix cache, in tokens of whole prefix_block_size
+    blocks; `load_weights` clears it, and so must anyone who changes the weights another way
+    (`clear_prefix_cache`).
     """
 
     def __init__(
