@@ -66,7 +66,9 @@ def test_serve_dtype_loads_bf16(tmp_path):
     save_model(tiny_model(max_positions=160), path)
     K2Tokenizer.byte_level().save_pretrained(path)
     engine = load_engine(str(path), 2, None, "bfloat16", prefix_cache_tokens=64)
-    assert engine.dtype == engine.cache.kv.dtype == torch.bfloat16
+    assert engine.dtype == engine.cache.kv.dtype == engine.prefix_cache.pool.dtype == torch.bfloat16
+    assert engine.stats()["prefix_cache_tokens"] == 64
+    assert load_engine(str(path), 2, None, None, prefix_cache_tokens=0).prefix_cache is None
     assert all(p.dtype == torch.bfloat16 for p in engine.model.parameters())
     out = engine.generate([engine.tokenizer.encode("hi")], SamplingParams(max_tokens=4, temperature=0))[0]
     assert 1 <= len(out.completions[0].token_ids) <= 4
