@@ -569,12 +569,11 @@ class Engine:
         for i, (s, start) in enumerate(zip(unique, starts)):
             ids[i, : lengths[i]] = torch.tensor(s.req.prompt[start:])
         slots = torch.tensor([s.slot for s in unique], device=self.device)
-        logits = self.forward.prefill(
-            ids.to(self.device),
-            torch.tensor(lengths, device=self.device),
-            slots,
-            torch.tensor(starts, device=self.device) if any(starts) else None,
-        )
+        batch = (ids.to(self.device), torch.tensor(lengths, device=self.device), slots)
+        if any(starts):
+            logits = self.forward.prefill(*batch, start=torch.tensor(starts, device=self.device))
+        else:
+            logits = self.forward.prefill(*batch)
         for s in unique:
             s.cached = len(s.req.prompt)
             if prefix is not None:
