@@ -1,20 +1,26 @@
-"""Where a decode step's time goes, and the floor under it: the figures docs/serving.md uses to say
-why the 16-request goal is out of reach on a CPU in fp32.
+"""Where a decode step's time goes, the floor under it, and what bf16 weights buy and cost: the
+figures docs/serving.md uses for the 16-request goal.
 
-Prints, for the `small` preset on this machine (one torch thread):
-  * memory streaming bandwidth (a sum over a 256 MB tensor, which no cache holds);
+Prints, for the `small` preset on this machine (one torch thread), in fp32 and bf16:
+  * this machine's peaks (benchmarks/peak.py, same run): memory bandwidth and the matmul peak of
+    each dtype;
   * the weight bytes a decode step of n tokens must read (attention, dense and shared weights, the
     LM head, and the routed experts that n tokens x top-k are expected to hit), and the time that
     takes at the measured bandwidth: the floor for a step that did no arithmetic at all;
   * the arithmetic of the step's weight matmuls (MFLOP), and the LM head alone (n x hidden x vocab);
-  * the eager and the compiled decode step;
-  * bf16 with compile=True: how many greedy tokens equal the eager bf16 engine's (`tiny`).
+  * the eager and the compiled decode step, and the bandwidth the compiled one achieves (weight
+    bytes / step time) as a fraction of the measured peak;
+  * bf16 against fp32 on the serving path (openk2/serve/precision.py): teacher-forced logit error and
+    argmax agreement, free-running greedy agreement, over N prompts x M new tokens, for the eager and
+    the compiled bf16 engine.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_decode_floor.py
+    OMP_NUM_THREADS=1 python benchmarks/bench_decode_floor.py [--prompts 16 --tokens 32]
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import statistics
 import time
 
@@ -27,7 +33,7 @@ from openk2.model.transformer import Transformer
 from openk2.serve.cache import LatentCache
 from openk2.serve.engine import Engine
 from openk2.serve.forward import CachedForward
-from openk2.serve.sampling import SamplingParams
+from openk2.serve.precision import compare_precision
 from openk2.tokenizer.tokenizer import K2Tokenizer
 
 
@@ -75,57 +81,96 @@ def step_flops(model: Transformer, n: int) -> float:
     return total
 
 
-def bf16_agreement() -> tuple[int, int]:
-    torch.manual_seed(0)
-    config = ModelConfig.from_preset("tiny")
-    config.max_position_embeddings = 256
-    model = Transformer(config).eval().to(torch.bfloat16)
-    tok = K2Tokenizer.byte_level()
-    prompts = [tok.encode(t) for t in ("hello world", "a", "The quick brown fox")]
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    eager = Engine(model, tok, max_batch=4, max_seq_len=256).generate(prompts, params)
-    fast = Engine(model, tok, max_batch=4, max_seq_len=256, compile=True).generate(prompts, params)
-    pairs = [
-        (a, b)
-        for x, y in zip(eager, fast)
-        for a, b in zip(x.completions[0].token_ids, y.completions[0].token_ids)
+def quality(model: Transformer, prompts: int, tokens: int, compile: bool) -> str:
+    """bf16 engine (eager or compiled) against the fp32 eager engine on random `small` prompts."""
+    tok = K2Tokenizer.default()
+    g = torch.Generator().manual_seed(5)
+    ps = [
+        torch.randint(0, 7936, (int(n),), generator=g).tolist()
+        for n in torch.randint(8, 65, (prompts,), generator=g)
     ]
-    return sum(a == b for a, b in pairs), len(pairs)
+    low = Transformer(model.config).eval()
+    low.load_state_dict(model.state_dict())
+    low = low.to(torch.bfloat16)
+    fp32 = Engine(model, tok, max_batch=16, max_seq_len=256, prefix_cache_tokens=0)
+    bf16 = Engine(low, tok, max_batch=16, max_seq_len=256, prefix_cache_tokens=0, compile=compile)
+    return compare_precision(fp32, bf16, ps, tokens).summary()
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=16, help="prompts of the bf16 quality report")
+    ap.add_argument("--tokens", type=int, default=32, help="new tokens per prompt in the quality report")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    args = ap.parse_args()
+    from peak import describe, measure_peaks
+
     torch.set_flush_denormal(True)
-    big = torch.randn(64 * 2**20)  # 256 MB
-    bandwidth = big.numel() * 4 / timed(big.sum, inner=3)
-    del big
-    print(f"torch threads {torch.get_num_threads()}; streaming bandwidth {bandwidth / 1e9:.1f} GB/s")
+    peaks = measure_peaks(torch.get_num_threads(), repeats=3)
+    bandwidth = peaks["bandwidth peak"] * 1e9
+    print(describe(peaks))
+    print(f"load average {os.getloadavg()[0]:.1f} (1 min)")
 
     torch.manual_seed(0)
     config = ModelConfig.from_preset("small")
-    model = Transformer(config).eval()
-    cache = LatentCache(config, 16, 512)
-    cache.kv.normal_()
-    eager = CachedForward(model, cache)
-    compiled = CachedForward(model, cache, compile=True)
-    t0 = time.perf_counter()
-    compiled.warm_up()
-    print(f"compile (two graphs): {time.perf_counter() - t0:.1f} s")
-
-    header = ["tokens", "weight MB", "read floor ms", "MFLOP", "LM head ms", "eager ms", "compiled ms"]
+    base = Transformer(config).eval()
+    header = [
+        "dtype",
+        "tokens",
+        "weight MB",
+        "read floor ms",
+        "MFLOP",
+        "LM head ms",
+        "eager ms",
+        "compiled ms",
+    ]
+    header += ["compiled GB/s", "of bw peak", "of mm peak"]
+    rows = []
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name.strip())
+        model = Transformer(config).eval()
+        model.load_state_dict(base.state_dict())
+        model = model.to(dtype)
+        cache = LatentCache(config, 16, 512, dtype=dtype)
+        cache.kv.normal_()
+        eager = CachedForward(model, cache)
+        compiled = CachedForward(model, cache, compile=True)
+        t0 = time.perf_counter()
+        compiled.warm_up()
+        print(f"{name}: compile (two graphs) {time.perf_counter() - t0:.1f} s", flush=True)
+        peak = peaks["bf16 peak" if dtype == torch.bfloat16 else "fp32 peak"] * 1e9
+        with torch.inference_mode():
+            for n in (1, 16):
+                tokens, pos = torch.randint(0, 7936, (n,)), torch.full((n,), 64)
+                x = torch.randn(n, config.hidden_size, dtype=dtype)
+                head = timed(lambda x=x, w=model.lm_head.weight: F.linear(x, w))
+                ours = timed(lambda t=tokens, p=pos, f=eager: f.decode(t, p, 65))
+                fast = timed(lambda t=tokens, p=pos, f=compiled: f.decode(t, p, 65))
+                weight, flops = step_bytes(model, n), step_flops(model, n)
+                cells = [name, n, weight / 1e6, weight / bandwidth * 1e3, flops / 1e6, head * 1e3]
+                cells += [
+                    ours * 1e3,
+                    fast * 1e3,
+                    weight / fast / 1e9,
+                    weight / fast / bandwidth,
+                    flops / fast / peak,
+                ]
+                rows.append(cells)
     print(" | ".join(f"{h:>13}" for h in header))
-    with torch.inference_mode():
-        for n in (1, 16):
-            tokens, pos = torch.randint(0, 7936, (n,)), torch.full((n,), 64)
-            x = torch.randn(n, config.hidden_size)
-            head = timed(lambda x=x: F.linear(x, model.lm_head.weight))
-            ours = timed(lambda t=tokens, p=pos: eager.decode(t, p, 65))
-            fast = timed(lambda t=tokens, p=pos: compiled.decode(t, p, 65))
-            weight = step_bytes(model, n)
-            cells = [n, weight / 1e6, weight / bandwidth * 1e3, step_flops(model, n) / 1e6, head * 1e3]
-            cells += [ours * 1e3, fast * 1e3]
-            print(" | ".join(f"{c:>13}" if isinstance(c, int) else f"{c:>13.2f}" for c in cells))
-    same, total = bf16_agreement()
-    print(f"bf16, compile=True vs eager (tiny, greedy): {same} of {total} tokens equal")
+    for cells in rows:
+        out = []
+        for i, c in enumerate(cells):
+            if isinstance(c, str) or isinstance(c, int):
+                out.append(f"{c:>13}")
+            elif i >= 9:
+                out.append(f"{c:>13.1%}")
+            else:
+                out.append(f"{c:>13.2f}")
+        print(" | ".join(out))
+    print(f"\nbf16 against fp32 ({args.prompts} random prompts of 8-64 tokens, greedy):")
+    for compile in (False, True):
+        report = quality(base, args.prompts, args.tokens, compile)
+        print(f"  bf16 {'compiled' if compile else 'eager'}: {report}")
 
 
 if __name__ == "__main__":

@@ -189,20 +189,44 @@ class LatentForward:
             a.refresh()
 
     def prefill(
-        self, ids: torch.Tensor, lengths: torch.Tensor, store: Callable[[int, torch.Tensor], None]
+        self,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        store: Callable[[int, torch.Tensor], None],
+        start: torch.Tensor | None = None,
+        past: Callable[[int], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """ids (B, T) right-padded prompts of `lengths`, from position 0 -> logits (B, V) of each
-        prompt's last token; store(layer, entries (B, T, r + rope)) is called once per layer."""
+        """ids (B, T) right-padded prompts of `lengths` -> logits (B, V) of each prompt's last token;
+        store(layer, entries (B, T, r + rope)) is called once per layer.
+
+        Without `start` the prompts begin at position 0. With it (a prefix cache hit), row b continues
+        a prefix of start[b] tokens whose cache rows past(layer) returns as (B, P, r + rope), P >=
+        max(start) (the columns from start[b] on are ignored): ids are then each prompt's rest, at
+        positions start[b].., attending to its prefix's rows and causally to its own."""
         b, t = ids.shape
         pos = torch.arange(t, device=self.device)
         allowed = (pos[None, None, :] <= pos[None, :, None]) & (pos[None, None, :] < lengths[:, None, None])
-        bias = attention_bias(allowed, self.heads, self.dtype)
-        cos, sin = self.cos[:t], self.sin[:t]
+        if start is None:
+            cos, sin = self.cos[:t], self.sin[:t]
+        else:
+            # padding past the table's end takes its last rotation (its rows are never used)
+            positions = (start[:, None] + pos).clamp_max(self.cos.shape[0] - 1)
+            cos, sin = self.cos[positions], self.sin[positions]
         x = self.model.embed_tokens(ids)
+        bias = None
         for layer, (blk, attn) in enumerate(zip(self.blocks, self.attn)):
             q, entry = attn.project(blk.input_layernorm(x), cos, sin)
             store(layer, entry)
-            x = blk.feed_forward(x + attn.attend(q, entry, bias, t))
+            keys = entry
+            if past is not None:
+                old = past(layer)
+                keys = torch.cat((old, entry), dim=1)
+                if bias is None:
+                    own = torch.arange(old.shape[1], device=self.device)[None, :] < start[:, None]
+                    allowed = torch.cat((own[:, None, :].expand(b, t, -1), allowed), dim=-1)
+            if bias is None:
+                bias = attention_bias(allowed, self.heads, self.dtype)
+            x = blk.feed_forward(x + attn.attend(q, keys, bias, t))
         return self.model.logits(x[torch.arange(b, device=self.device), lengths - 1])
 
     def step(

@@ -44,7 +44,14 @@ def fit_context(engine, messages: list[dict], n_fixed: int, want: int) -> tuple[
 def run(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    engine = load_engine(args.model, args.max_batch, args.max_seq_len, args.dtype, args.compile)
+    engine = load_engine(
+        args.model,
+        args.max_batch,
+        args.max_seq_len,
+        args.dtype,
+        args.compile,
+        prefix_cache_tokens=args.prefix_cache_tokens,
+    )
     SamplingParams(temperature=args.temperature).validate(engine.vocab_size)  # a bad value fails now
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages: list[dict] = list(system)

@@ -30,15 +30,19 @@ def load_engine(
     compile: bool = False,
     max_queue: int = DEFAULT_MAX_QUEUE,
     request_timeout: float | None = None,
+    prefix_cache_tokens: int | None = None,
 ):
-    """The serving engine over a checkpoint directory or a run directory (its latest checkpoint)."""
+    """The serving engine over a checkpoint directory or a run directory (its latest checkpoint).
+    prefix_cache_tokens: None = the engine's default, 0 = no prefix cache."""
     from openk2.checkpoint import load
-    from openk2.serve.engine import Engine
+    from openk2.serve.engine import DEFAULT_PREFIX_CACHE_TOKENS, Engine
 
     if max_batch < 1:
         raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
     if max_seq_len is not None and max_seq_len < 2:
         raise ValueError(f"--max-seq-len must be >= 2, got {max_seq_len}")
+    if prefix_cache_tokens is None:
+        prefix_cache_tokens = DEFAULT_PREFIX_CACHE_TOKENS
     model, tokenizer = load(checkpoint, dtype=getattr(torch, dtype) if dtype else None)
     return Engine(
         model,
@@ -48,6 +52,7 @@ def load_engine(
         compile=compile,
         max_queue=max_queue,
         request_timeout=request_timeout,
+        prefix_cache_tokens=prefix_cache_tokens,
     )
 
 
@@ -55,6 +60,16 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
@@ -77,7 +92,29 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-seq-len", type=int, default=None, help="tokens per cache slot (prompt + output)"
     )
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="weights and KV cache dtype (default: the checkpoint's); bfloat16 halves the bytes a decode "
+        "step reads (docs/serving.md, Performance, has its speed and its agreement with float32)",
+    )
+    prefix = parser.add_mutually_exclusive_group()
+    prefix.add_argument(
+        "--prefix-cache-tokens",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="tokens of shared prompt prefixes (system prompt, tools) whose cache rows are kept for later "
+        "requests (default 8192; 0 = off, as --no-prefix-cache)",
+    )
+    prefix.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache_tokens",
+        action="store_const",
+        const=0,
+        help="recompute every prompt in full",
+    )
     parser.add_argument(
         "--compile",
         action="store_true",
@@ -192,7 +229,8 @@ def summary(engine, name: str, checkpoint: Path, url: str, api_key: bool, constr
             f"on {engine.device}",
             f"  engine       {stats['slots']} slots x {stats['max_seq_len']:,} tokens, KV cache "
             f"{_mib(stats['cache_bytes'])} ({stats['cache_bytes_per_token']:,} B/token), "
-            f"compiled: {'yes' if stats['compiled'] else 'no'}",
+            f"compiled: {'yes' if stats['compiled'] else 'no'}, prefix cache: "
+            + (f"{stats['prefix_cache_tokens']:,} tokens" if stats["prefix_cache_tokens"] else "off"),
             f"  tool calls   {'constrained when forced' if constrained else 'unconstrained'}; API key: {key}",
             f"  listening    {url}  (try: curl {url}/models)",
         ]
@@ -219,6 +257,7 @@ def run(args: argparse.Namespace) -> int:
             args.compile,
             max_queue=args.max_queue,
             request_timeout=args.request_timeout or None,
+            prefix_cache_tokens=args.prefix_cache_tokens,
         )
         name = args.served_model_name or Path(args.model).resolve().name
         constrained = not args.no_constrained_tools

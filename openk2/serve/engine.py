@@ -3,7 +3,9 @@
 One loop, one thread owns the model and the cache. Each `step()`:
   1. drops aborted requests and those past their deadline (their slots free at once);
   2. admits waiting requests into free slots and prefills them together (right-padded batch, one
-     forward), sampling each one's first token: a new request joins between two decode steps;
+     forward), sampling each one's first token: a new request joins between two decode steps. With
+     the prefix cache (prefix_cache.py, on by default), a prompt's longest cached prefix is copied
+     into its slot first and only the rest of the prompt is run;
   3. runs one decode step for every running sequence: one new token each, whatever its length;
   4. retires finished sequences (stop token, stop string, max_tokens, abort), which frees their slots.
 
@@ -38,6 +40,7 @@ from openk2.model.transformer import Transformer
 from openk2.serve.cache import ContextLengthError, LatentCache
 from openk2.serve.constrained import Constraint, GrammarCompiler
 from openk2.serve.forward import CachedForward
+from openk2.serve.prefix_cache import DEFAULT_BLOCK_SIZE, PrefixCache
 from openk2.serve.sampling import SamplingParams, TokenLogprob, sample
 from openk2.tokenizer.tokenizer import IncrementalDecoder, K2Tokenizer
 
@@ -60,6 +63,9 @@ UPDATE_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 class WeightUpdateError(ValueError):
     """A weight update the engine refuses (`Engine.load_weights`); the served weights are unchanged."""
+
+
+DEFAULT_PREFIX_CACHE_TOKENS = 8192  # of shared prompt prefixes kept (0 = off); see prefix_cache.py
 
 
 class EngineFullError(RuntimeError):
@@ -166,6 +172,9 @@ class Engine:
     wait. A request that can never fit a slot is refused with ContextLengthError; a full queue with
     EngineFullError. With request_timeout (seconds), a request still unfinished that long after its
     submission, waiting or running, finishes with reason "timeout" and frees its slots.
+    prefix_cache_tokens (0 = off) bounds the prefix cache, in tokens of whole prefix_block_size
+    blocks; `load_weights` clears it, and so must anyone who changes the weights another way
+    (`clear_prefix_cache`).
     """
 
     def __init__(
@@ -178,9 +187,13 @@ class Engine:
         max_prefill_tokens: int = 8192,
         compile: bool = False,
         request_timeout: float | None = None,
+        prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS,
+        prefix_block_size: int = DEFAULT_BLOCK_SIZE,
     ):
         if max_queue < 0 or max_batch < 1:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+        if prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be >= 0 (0 = off), got {prefix_cache_tokens}")
         if request_timeout is not None and not request_timeout > 0:
             raise ValueError(f"request_timeout must be positive seconds, got {request_timeout}")
         if tokenizer.vocab_size > model.config.vocab_size:
@@ -213,7 +226,10 @@ class Engine:
         self._pending: dict[str, _Request] = {}  # not yet retired, by id
         self._rng = torch.Generator(device=self.device)  # noise for unseeded sampling
         self._rng.seed()
-        self.forward = CachedForward(model, self.cache, compile=compile)
+        prefix = None
+        if prefix_cache_tokens:
+            prefix = PrefixCache(self.cache, prefix_cache_tokens, prefix_block_size)
+        self.forward = CachedForward(model, self.cache, compile=compile, prefix=prefix)
         if compile:
             # compile before the first request, not during it (about a minute on a laptop CPU the first
             # time; inductor's on-disk cache makes later starts take seconds)
@@ -232,6 +248,18 @@ class Engine:
     @property
     def max_seq_len(self) -> int:
         return self.cache.max_seq_len
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """The prefix cache (None when off); it belongs to the forward, whose `refresh` clears it."""
+        return self.forward.prefix
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix. `load_weights` does this already (through
+        `forward.refresh`); call it after changing the model's weights any other way."""
+        with self._model_lock:
+            if self.prefix_cache is not None:
+                self.prefix_cache.clear()
 
     def submit(
         self,
@@ -412,6 +440,7 @@ class Engine:
             "cache_bytes": self.cache.total_bytes,
             "cache_bytes_per_token": self.cache.bytes_per_token,
             "compiled": self.forward.compiled,
+            **(self.prefix_cache.stats() if self.prefix_cache is not None else {"prefix_cache_tokens": 0}),
         }
 
     # ------------------------------------------------------------------ scheduling
@@ -588,17 +617,26 @@ class Engine:
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """Prompts of newly admitted sequences, right-padded into one batch, written to their slots.
         Sequences of one request with n > 1 share a prompt: it is computed once and its cache rows
-        copied."""
+        copied. With the prefix cache, each prompt's longest cached prefix is copied into its slot
+        first and only the rest is run; afterwards its whole blocks are kept for later requests."""
         firsts: dict[str, _Sequence] = {}
         unique = [s for s in seqs if firsts.setdefault(s.req.id, s) is s]
-        lengths = [len(s.req.prompt) for s in unique]
+        prefix = self.prefix_cache
+        starts = [prefix.restore(s.req.prompt, s.slot) if prefix else 0 for s in unique]
+        lengths = [len(s.req.prompt) - start for s, start in zip(unique, starts)]
         ids = torch.zeros(len(unique), max(lengths), dtype=torch.long)
-        for i, s in enumerate(unique):
-            ids[i, : lengths[i]] = torch.tensor(s.req.prompt)
+        for i, (s, start) in enumerate(zip(unique, starts)):
+            ids[i, : lengths[i]] = torch.tensor(s.req.prompt[start:])
         slots = torch.tensor([s.slot for s in unique], device=self.device)
-        logits = self.forward.prefill(ids.to(self.device), torch.tensor(lengths, device=self.device), slots)
+        batch = (ids.to(self.device), torch.tensor(lengths, device=self.device), slots)
+        if any(starts):
+            logits = self.forward.prefill(*batch, start=torch.tensor(starts, device=self.device))
+        else:
+            logits = self.forward.prefill(*batch)
         for s in unique:
             s.cached = len(s.req.prompt)
+            if prefix is not None:
+                prefix.store(s.req.prompt, s.slot)
             s.req.output.time_to_first_token = time.perf_counter() - s.req.arrival
         for s in seqs:
             first = firsts[s.req.id]

@@ -16,16 +16,24 @@ import torch
 from openk2.model.moe import MoE
 from openk2.model.transformer import LatentForward, Transformer
 from openk2.serve.cache import LatentCache
+from openk2.serve.prefix_cache import PrefixCache
 
 
 class CachedForward:
     """Prefill and decode of the whole model against a LatentCache; `compile=True` runs the decode
-    step through torch.compile (needs a C++ compiler on CPU)."""
+    step through torch.compile (needs a C++ compiler on CPU). `prefix`, the engine's prefix cache if
+    it has one, is cleared whenever `refresh` runs (new weights)."""
 
     def __init__(
-        self, model: Transformer, cache: LatentCache, fold: bool | None = None, compile: bool = False
+        self,
+        model: Transformer,
+        cache: LatentCache,
+        fold: bool | None = None,
+        compile: bool = False,
+        prefix: PrefixCache | None = None,
     ):
         self.cache = cache
+        self.prefix = prefix  # cleared by refresh(): cached rows are only valid for the same weights
         self.latent = LatentForward(model, cache.max_seq_len, fold)
         self.attn = self.latent.attn
         self.device = self.latent.device
@@ -38,24 +46,52 @@ class CachedForward:
         self._step = torch.compile(self.latent.step, fullgraph=True) if compile else self.latent.step
 
     def refresh(self) -> None:
-        """Recompute the absorbed weights after the model's weights changed."""
+        """Recompute the absorbed weights after the model's weights changed, and forget every cached
+        prefix (its rows were computed with the old weights)."""
         self.latent.refresh()
+        if self.prefix is not None:
+            self.prefix.clear()
 
-    def prefill(self, ids: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def prefill(
+        self,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        slots: torch.Tensor,
+        start: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """ids (B, T) right-padded prompts of `lengths`, written to cache `slots` -> logits (B, V) of
-        each prompt's last token."""
+        each prompt's last token. With `start` (B,), row b is the rest of a prompt whose first start[b]
+        tokens' rows slot b already holds (a prefix cache hit, see `PrefixCache.restore`): it is run
+        from position start[b] against those rows, and written after them."""
         b, t = ids.shape
         kv = self.cache.kv
         first = int(slots[0])
         contiguous = bool((slots == torch.arange(first, first + b, device=slots.device)).all())
+        if start is not None and bool((start == 0).all()):
+            start = None
+        if start is None:
 
-        def store(layer: int, entry: torch.Tensor) -> None:
-            if contiguous:
-                kv[layer, first : first + b, :t] = entry
-            else:
-                kv[layer, slots, :t] = entry
+            def store(layer: int, entry: torch.Tensor) -> None:
+                if contiguous:
+                    kv[layer, first : first + b, :t] = entry
+                else:
+                    kv[layer, slots, :t] = entry
 
-        return self.latent.prefill(ids, lengths, store)
+            return self.latent.prefill(ids, lengths, store)
+
+        width = int(start.max())
+        valid = torch.arange(t, device=self.device)[None, :] < lengths[:, None]  # (B, T) real tokens
+        rows = (slots * self.cache.max_seq_len + start)[:, None] + torch.arange(t, device=self.device)
+        rows = rows[valid]  # flat (slot, position) rows of the real tokens, in entry order
+        flat = kv.view(self.cache.num_layers, -1, self.cache.dim)
+
+        def store_after(layer: int, entry: torch.Tensor) -> None:
+            flat[layer].index_copy_(0, rows, entry[valid])
+
+        def past(layer: int) -> torch.Tensor:
+            return kv[layer, first : first + b, :width] if contiguous else kv[layer, slots, :width]
+
+        return self.latent.prefill(ids, lengths, store_after, start, past)
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, length: int) -> torch.Tensor:
         """One new token per sequence in cache slots 0..n-1: tokens (n,) at positions pos (n,), the

@@ -7,6 +7,10 @@
   openk2_time_to_first_token_seconds          histogram: submission -> first sampled token
   openk2_request_latency_seconds              histogram: submission -> the request's last completion
   openk2_waiting_requests, openk2_running_sequences, openk2_cache_slots   read from the engine at scrape
+  openk2_prefix_cache_queried_tokens_total, openk2_prefix_cache_hit_tokens_total   prompt tokens looked
+      up in the prefix cache, and those whose cache rows it supplied (read at scrape; absent when off)
+  openk2_prefix_cache_hit_rate                hit tokens / queried tokens since start
+  openk2_prefix_cache_used_tokens, openk2_prefix_cache_capacity_tokens   its occupancy
 
 Each app has its own registry (several apps can live in one process, as in the tests). Token counts
 and timings come from the engine's finish observer, so they count every request the engine ran,
@@ -19,7 +23,7 @@ from __future__ import annotations
 import asyncio
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from openk2.serve.engine import Engine, RequestOutput
@@ -40,6 +44,19 @@ class _EngineGauges:
             ("openk2_waiting_requests", "waiting", "requests queued for a cache slot"),
             ("openk2_running_sequences", "running", "sequences being decoded (one per cache slot)"),
             ("openk2_cache_slots", "slots", "cache slots: the most sequences decoded at once"),
+        ):
+            yield GaugeMetricFamily(name, doc, value=stats[key])
+        if not stats.get("prefix_cache_tokens"):
+            return
+        for name, key, doc in (
+            ("openk2_prefix_cache_queried_tokens", "prefix_cache_queried_tokens", "prompt tokens looked up"),
+            ("openk2_prefix_cache_hit_tokens", "prefix_cache_hit_tokens", "prompt tokens restored from it"),
+        ):
+            yield CounterMetricFamily(name, doc, value=stats[key])
+        for name, key, doc in (
+            ("openk2_prefix_cache_hit_rate", "prefix_cache_hit_rate", "hit tokens / queried tokens"),
+            ("openk2_prefix_cache_used_tokens", "prefix_cache_used_tokens", "tokens it holds"),
+            ("openk2_prefix_cache_capacity_tokens", "prefix_cache_tokens", "tokens it can hold"),
         ):
             yield GaugeMetricFamily(name, doc, value=stats[key])
 
