@@ -338,6 +338,7 @@ def save_checkpoint(
 
     try:
         if write_model is not None:
+            tmp.mkdir()
             write_model(tmp)
         else:
             save_pretrained(model, tmp)
