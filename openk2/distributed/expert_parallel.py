@@ -87,7 +87,7 @@ class ExpertParallel:
         y = AllToAll.apply(y, recv, send, self.group)  # (T*k, D), sorted by global expert id
 
         y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # bf16 under autocast
 
 
 def shard_experts(model: nn.Module, mesh: Mesh) -> nn.Module:
