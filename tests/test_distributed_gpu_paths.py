@@ -94,3 +94,21 @@ def test_distributed_trainer_trains_under_bf16_autocast_on_cpu():
     # the same training, to bf16's precision; and it learns (second step below the first)
     torch.testing.assert_close(torch.tensor(runs["bf16"]), torch.tensor(runs["fp32"]), rtol=2e-2, atol=0)
     assert runs["bf16"][1] < runs["bf16"][0]
+
+
+@pytest.mark.slow
+def test_torchrun_pp2_under_bf16_autocast_matches_one_process(tmp_path, monkeypatch):
+    """The pipeline under bf16 autocast (stages send in the parameters' dtype): the same run as one
+    process with `--precision bf16`, to bf16's precision."""
+    from test_distributed_train import losses, single, torchrun
+
+    monkeypatch.setenv("OPENK2_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(["the king said to the queen of the crown and the sword"] * 300))
+    single(str(corpus), tmp_path / "one", precision="bf16")
+    torchrun(str(corpus), tmp_path / "pp2", "--pp", "2", "--microbatches", "2", "--precision", "bf16")
+    got, ref = losses(tmp_path / "pp2"), losses(tmp_path / "one")
+    assert got.keys() == ref.keys()
+    keys = sorted(ref)
+    torch.testing.assert_close(torch.tensor([got[k] for k in keys]), torch.tensor([ref[k] for k in keys]),
+                               rtol=2e-3, atol=0)  # fmt: skip
