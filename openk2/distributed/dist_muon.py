@@ -265,6 +265,6 @@ class DistributedMuon(torch.optim.Optimizer):
                                 f"optimizer state {slot.name}.{key}: shape {tuple(value.shape)}, "
                                 f"parameter {tuple(p.shape)}"
                             )
-                        state[key] = slot.local(value.to(p.dtype))
+                        state[key] = slot.local(value.to(device=p.device, dtype=p.dtype))
                     else:
                         state[key] = value
