@@ -131,3 +131,37 @@ def test_data_parallel_ranks_split_each_global_batch(corpus, tmp_path):
         assert torch.equal(joined, whole.next_batch().input_ids)
     with pytest.raises(ValueError, match="not divisible"):
         StreamingLoader(shards, batch_size=3, seq_len=8, world=2)
+
+
+def test_each_rank_sees_an_uninterrupted_runs_tokens_across_a_save_and_resume(corpus, tmp_path):
+    """The torchrun driver's use (`StreamingLoader.shard_` per batch rank): 2 ranks stop after 3
+    steps and save their (common, global) position; resumed under 2 ranks, and under 4, each rank
+    reads exactly its rows of the global batches an uninterrupted run reads, through a wrap-around."""
+    tok = K2Tokenizer.byte_level()
+    shards = TokenShards(build_shards(corpus, tok, tmp_path / "shards", shard_tokens=50), tok)
+    whole = StreamingLoader(shards, batch_size=4, seq_len=16)
+    steps = [whole.next_batch() for _ in range(20)]  # wraps around the ~1,000-token corpus
+
+    def rank_loaders(world: int, state: dict | None) -> list[StreamingLoader]:
+        loaders = []
+        for r in range(world):
+            loader = StreamingLoader(shards, batch_size=4, seq_len=16)
+            if state is not None:
+                loader.load_state_dict(state)
+            loaders.append(loader.shard_(r, world))
+        return loaders
+
+    first = rank_loaders(2, None)
+    for want in steps[:3]:
+        got = [loader.next_batch() for loader in first]
+        assert all(b.input_ids.shape == (2, 16) for b in got)  # each rank read only its 2 rows
+        assert torch.equal(torch.cat([b.targets for b in got]), want.targets)
+    states = [loader.state_dict() for loader in first]
+    assert states[0] == states[1]  # one position for the checkpoint, whoever writes it
+    for world in (2, 4):
+        resumed = rank_loaders(world, states[0])
+        for want in steps[3:]:
+            rows = torch.cat([loader.next_batch().input_ids for loader in resumed])
+            assert torch.equal(rows, want.input_ids)
+    with pytest.raises(ValueError, match="cannot be split"):
+        StreamingLoader(shards, batch_size=4, seq_len=16).shard_(0, 3)

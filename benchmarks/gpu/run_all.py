@@ -10,11 +10,18 @@ so a failure in one never costs the others. Sections:
 2. train: a bf16-autocast training step of a ~1B-total-parameter MoE (MLA, 32 experts top-4) with
    MuonClip; model FLOP/s and MFU against the GPU's dense bf16 peak (measured here with a large
    bf16 matmul, and the datasheet figure when the GPU is known).
+   Also the same forward/backward with the routed experts as a per-expert loop instead of grouped
+   GEMMs (`torch._grouped_mm`, what openk2 takes on CUDA in bf16).
 3. muon: the MuonClip step (Newton-Schulz in bf16) against torch's fused AdamW on the same model.
 4. decode: greedy tokens/s of the openk2 engine (eager and `compile=True`, which runs the decode step
    through CUDA graphs on a GPU) at batch 1, 16 and 64 against transformers' `generate` with the
    same weights, same dtype, one padded batch.
-5. memory: peak allocated memory of each section.
+5. distributed: the torchrun trainer's code path on this device in one process (`DistributedTrainer`
+   on a one-rank mesh: ZeRO-1 Muon, bf16 autocast, grouped experts) for a few steps, then a sharded
+   (torch.distributed.checkpoint) save and load that must give back the same weights.
+6. memory: peak allocated memory of each section (`peak_memory_gb`).
+
+Not run on a GPU yet (see docs/gpu.md); `--device cpu --quick` is the CI-sized check of every path.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from openk2 import ModelConfig, Transformer  # noqa: E402
 from openk2.checkpoint import save_model  # noqa: E402
+from openk2.model import moe  # noqa: E402
 from openk2.model.size import count_parameters, flops_per_token  # noqa: E402
 from openk2.optim import MuonClip  # noqa: E402
 
@@ -119,6 +127,11 @@ def section_train(device: torch.device, quick: bool) -> dict:
     iters = 10 if not quick else 2
     t_step = timed(step, device, iters)
     t_fwd_bwd = timed(fwd_bwd, device, iters)
+    moe.EXPERT_MATMUL = "loop"
+    try:
+        t_fwd_bwd_loop = timed(fwd_bwd, device, max(iters // 2, 1))
+    finally:
+        moe.EXPERT_MATMUL = "auto"
     tokens = batch * seq
     flops = 3 * flops_per_token(c, context=seq // 2)["forward"] * tokens
     p = count_parameters(c)
@@ -126,6 +139,9 @@ def section_train(device: torch.device, quick: bool) -> dict:
         "config": {"total_params": p.total, "activated_params": p.activated, "batch": batch, "seq": seq},
         "step_s": t_step,
         "fwd_bwd_s": t_fwd_bwd,
+        "fwd_bwd_expert_loop_s": t_fwd_bwd_loop,
+        "grouped_experts_used": moe.use_grouped_mm(x, torch.empty(0, device=device, dtype=torch.bfloat16))
+        and use_bf16,
         "tokens_per_s": tokens / t_step,
         "model_tflops_per_s": flops / t_step / 1e12,
     }
@@ -207,7 +223,33 @@ def section_decode(device: torch.device, quick: bool) -> dict:
     return out
 
 
-SECTIONS = {"parity": section_parity, "train": section_train, "muon": section_muon, "decode": section_decode}
+def section_distributed(device: torch.device, quick: bool) -> dict:
+    from openk2.distributed import checkpoint as dckpt
+    from openk2.distributed.mesh import Mesh, ParallelConfig
+    from openk2.train.data import Batch
+    from openk2.train.distributed import DistributedTrainer
+    from openk2.train.loop import TrainConfig, make_schedule
+
+    c = ModelConfig.from_preset("tiny")
+    cfg = TrainConfig(preset="tiny", steps=4, warmup_steps=1, precision="bf16", ns_dtype="float32")
+
+    def trainer() -> DistributedTrainer:
+        torch.manual_seed(0)
+        return DistributedTrainer(Transformer(c), Mesh(ParallelConfig(), 0), make_schedule(cfg), cfg, device)
+
+    a = trainer()
+    ids = torch.randint(0, c.vocab_size, (4, 65), generator=torch.Generator().manual_seed(0))
+    losses = [a.train_step([Batch(ids[:, :-1], ids[:, 1:], None, None)])["loss"] for _ in range(3)]
+    with tempfile.TemporaryDirectory() as d:
+        dckpt.save_shards(d, a.pm, a.optimizer)
+        b = trainer()
+        dckpt.load_shards(d, b.pm, b.optimizer)
+    diff = max((p - q).abs().max().item() for p, q in zip(a.params, b.params))
+    return {"losses": losses, "device": str(a.params[0].device), "reload_max_abs_diff": diff}
+
+
+SECTIONS = {"parity": section_parity, "train": section_train, "muon": section_muon, "decode": section_decode,
+            "distributed": section_distributed}  # fmt: skip
 
 
 def main() -> int:

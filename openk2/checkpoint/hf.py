@@ -205,6 +205,10 @@ def _open(file: Path):
 def load_weights_(model: Transformer, path: str | os.PathLike) -> None:
     """Copy a checkpoint's tensors into an existing model, in place, shard by shard."""
     path = Path(path)
+    from openk2.checkpoint.sharded import is_sharded, load_model_state_
+
+    if is_sharded(path):  # a sharded training checkpoint (torch.distributed.checkpoint)
+        return load_model_state_(model, path)
     weight_map = checkpoint_files(path)
     targets = dict(hf_tensors(model))
     by_file: dict[str, list[str]] = {}

@@ -35,6 +35,7 @@ import shutil
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -324,13 +325,17 @@ def save_checkpoint(
     trainer_state: dict,
     keep: int = 2,
     run_id: str | None = None,
+    write_model: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write the checkpoint for `step` atomically, then keep only the newest `keep` of this run's.
 
     Retention deletes only checkpoints older than `step` whose manifest names `run_id` (a None run_id
     matches checkpoints saved with None); checkpoints of another run, or without a readable manifest,
-    are never deleted. An existing checkpoint at `step` is replaced when it is this run's and intact
-    (re-saving the final step); otherwise it is renamed to `step-XXXXXXX.replaced-<time>` and kept.
+    are never deleted. `write_model(tmp)`, when given, writes the weights into the temporary
+    directory instead of `save_pretrained(model, tmp)` (the sharded format, written by every rank;
+    `openk2.distributed.checkpoint`). An existing checkpoint at `step` is replaced when it is this
+    run's and intact (re-saving the final step); otherwise it is renamed to
+    `step-XXXXXXX.replaced-<time>` and kept.
     """
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -339,7 +344,11 @@ def save_checkpoint(
     from openk2.checkpoint.hf import save_pretrained
 
     try:
-        save_pretrained(model, tmp)
+        if write_model is not None:
+            tmp.mkdir()
+            write_model(tmp)
+        else:
+            save_pretrained(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / STATE_FILE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import platform
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -67,3 +68,17 @@ def cpu_model_and_flags() -> tuple[str, set[str]]:
     except OSError:
         pass
     return name, flags
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast_context(device: torch.device, precision: str = "auto"):
+    """The context a training or evaluation forward runs in: bf16 autocast (fp32 weights and
+    optimizer, bf16 matmuls) for `bf16`, and for `auto` on CUDA; nothing for `fp32`, or `auto` on
+    other devices (CPU bf16 matmuls are slower than fp32 on most CPUs). One rule for every trainer."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()

@@ -110,7 +110,8 @@ class DistributedMuon(torch.optim.Optimizer):
         )
         super().__init__([g for g in groups if g["params"]], defaults)
         self.qk_clip_tau = qk_clip_tau
-        self.ns_dtype = resolve_ns_dtype(ns_dtype, next(iter(pm.parameters())).device)  # as MuonClip
+        self.device = next(iter(pm.parameters())).device  # CUDA (NCCL) or CPU (gloo): one code path
+        self.ns_dtype = resolve_ns_dtype(ns_dtype, self.device)  # as MuonClip
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -119,7 +120,7 @@ class DistributedMuon(torch.optim.Optimizer):
         the global gradient norm (the same on every rank). Collective; `step()` continues from here."""
         scale = 1.0 / self.pm.mesh.batch_size
         self._grads = {}
-        squares = torch.zeros((), dtype=torch.float64)
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
         for group in self.param_groups:
             for p in group["params"]:
                 slot = self.slots[id(p)]
@@ -178,7 +179,7 @@ class DistributedMuon(torch.optim.Optimizer):
         for p in group["params"]:  # 1. momentum on the shard; gather the direction on the owner
             slot, state = self.slots[id(p)], self.state[p]
             if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros(slot.shard_len, dtype=p.dtype)
+                state["momentum_buffer"] = p.new_zeros(slot.shard_len)
             d = momentum_direction(grads[id(p)], state["momentum_buffer"], beta, group["nesterov"])
             directions[id(p)] = d
             if slot.n == 1:
@@ -201,7 +202,7 @@ class DistributedMuon(torch.optim.Optimizer):
             if slot.n == 1:
                 mine = updates[id(p)]
             else:
-                mine = torch.empty(slot.shard_len, dtype=p.dtype)
+                mine = p.new_empty(slot.shard_len)
                 chunks = list(updates[id(p)].chunk(slot.n)) if slot.rank == slot.owner else None
                 COMM.add(
                     "scatter", mine.numel() * mine.element_size() * (slot.n - 1) * (slot.rank == slot.owner)
@@ -217,8 +218,8 @@ class DistributedMuon(torch.optim.Optimizer):
             g = grads[id(p)]
             if "step" not in state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros(slot.shard_len, dtype=p.dtype)
-                state["exp_avg_sq"] = torch.zeros(slot.shard_len, dtype=p.dtype)
+                state["exp_avg"] = p.new_zeros(slot.shard_len)
+                state["exp_avg_sq"] = p.new_zeros(slot.shard_len)
             state["step"] += 1
             t = state["step"]
             state["exp_avg"].lerp_(g, 1 - beta1)
@@ -264,6 +265,6 @@ class DistributedMuon(torch.optim.Optimizer):
                                 f"optimizer state {slot.name}.{key}: shape {tuple(value.shape)}, "
                                 f"parameter {tuple(p.shape)}"
                             )
-                        state[key] = slot.local(value.to(p.dtype))
+                        state[key] = slot.local(value.to(device=p.device, dtype=p.dtype))
                     else:
                         state[key] = value

@@ -69,7 +69,7 @@ class ExpertParallel:
         rows = x[token]  # (T*k, D) sorted by global expert id
 
         # Who sends how much of what: recv_counts[src, e] rows from rank src for my local expert e.
-        recv_counts = torch.empty(self.ep * n_local, dtype=counts.dtype)
+        recv_counts = counts.new_empty(self.ep * n_local)
         COMM.add("all_to_all", counts.element_size() * n_local * (self.ep - 1))
         dist.all_to_all_single(recv_counts, counts.contiguous(), group=self.group)
         send = counts.view(self.ep, n_local).sum(1).tolist()
@@ -77,7 +77,8 @@ class ExpertParallel:
         recv = recv_counts.sum(1).tolist()
 
         received = AllToAll.apply(rows, send, recv, self.group)  # (R, D), source-major
-        local_id = torch.arange(n_local).repeat(self.ep).repeat_interleave(recv_counts.flatten())
+        local_id = torch.arange(n_local, device=x.device).repeat(self.ep)
+        local_id = local_id.repeat_interleave(recv_counts.flatten())
         by_expert = local_id.argsort(stable=True)
         # A rank whose experts received no rows must still take part in both backward all-to-alls:
         # keep its (empty) output attached to `received` instead of a fresh, graph-less zeros tensor.
@@ -86,7 +87,7 @@ class ExpertParallel:
         y = AllToAll.apply(y, recv, send, self.group)  # (T*k, D), sorted by global expert id
 
         y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # bf16 under autocast
 
 
 def shard_experts(model: nn.Module, mesh: Mesh) -> nn.Module:

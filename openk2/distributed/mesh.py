@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+CHECKPOINT_FORMATS = ("full", "sharded")
+
 
 @dataclass
 class ParallelConfig:
@@ -36,6 +38,7 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel degree: routed experts split this many ways
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
     microbatches: int = 0  # pipeline micro-batches per step (0: 1 without pipelining, else 2 * pp)
+    checkpoint: str = "full"  # full: gathered single-process format; sharded: per-rank DCP shards
 
     @property
     def world_size(self) -> int:
@@ -45,6 +48,8 @@ class ParallelConfig:
         for name in ("pp", "dp", "ep", "virtual_stages"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.checkpoint not in CHECKPOINT_FORMATS:
+            raise ValueError(f"--checkpoint-format must be one of {', '.join(CHECKPOINT_FORMATS)}")
         if world_size is not None and world_size != self.world_size:
             raise ValueError(
                 f"pp * dp * ep = {self.pp} * {self.dp} * {self.ep} = {self.world_size} "

@@ -41,7 +41,8 @@ class ParallelModel:
         self.with_aux_loss = with_aux_loss
         model.record_stats(True)
         if mesh.parallel.pp > 1:
-            self.pipeline = Pipeline(model, mesh, lm_loss, with_aux_loss=with_aux_loss)
+            device = next(model.parameters()).device
+            self.pipeline = Pipeline(model, mesh, lm_loss, device=device, with_aux_loss=with_aux_loss)
             self.chunks = self.pipeline.chunks
         else:
             self.pipeline, self.chunks = None, [model]
@@ -88,7 +89,7 @@ class ParallelModel:
         else:
             loss = self.pipeline.step(x, y)
             if loss is None:
-                loss = torch.zeros(())
+                loss = torch.zeros((), device=x.device)
             all_reduce_(loss, self.mesh.pp_group)  # only the last stage had it
         all_reduce_(loss, self.mesh.batch_group)
         return loss / self.mesh.batch_size

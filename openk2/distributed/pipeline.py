@@ -85,9 +85,12 @@ class StageModule(nn.Module):
         super().__init__()
         self.chunk = chunk
         self.with_aux_loss = with_aux_loss
+        # the dtype the stages' send/receive buffers are declared with; under bf16 autocast the
+        # logits come out in bf16 and are sent (and given to the loss) in this dtype
+        self.dtype = next(chunk.parameters()).dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.chunk(x)
+        y = self.chunk(x).to(self.dtype)
         if self.training and self.with_aux_loss:
             aux = self.chunk.aux_loss()
             if aux.requires_grad:

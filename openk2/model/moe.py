@@ -33,6 +33,36 @@ from openk2.model.layers import MLP, linear, swiglu, swiglu_ffn
 
 ExpertFFN = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
+# How the experts of a training/prefill forward run: "auto" = one grouped GEMM per projection
+# (torch._grouped_mm) where torch has a fast kernel for it, CUDA in bfloat16; the per-expert loop
+# elsewhere. "grouped" / "loop" force one (tests compare them; torch also runs the grouped op on CPU
+# in float32). The only device switch in the model.
+EXPERT_MATMUL = "auto"
+
+
+def use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `Experts.forward` takes the grouped GEMM for input x and expert weights `weight`."""
+    if EXPERT_MATMUL == "loop" or not hasattr(torch, "_grouped_mm"):
+        return False
+    if EXPERT_MATMUL == "grouped":
+        return True
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else weight.dtype
+    return x.is_cuda and dtype == torch.bfloat16
+
+
+def grouped_swiglu_ffn(
+    x: torch.Tensor, counts: list[int], gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor
+) -> torch.Tensor:
+    """`swiglu_ffn` of every expert at once: x (N, D) rows sorted by expert, counts[e] rows for expert
+    e, stacked weights gate/up (E, I, D), down (E, D, I) -> (N, D). Three grouped GEMMs, no loop."""
+    if torch.is_autocast_enabled(x.device.type):  # the op is not on autocast's lists: cast here
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, gate, up, down = (t.to(dtype) for t in (x, gate, up, down))
+    offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+    g = torch._grouped_mm(x, gate.transpose(1, 2), offs=offs)
+    u = torch._grouped_mm(x, up.transpose(1, 2), offs=offs)
+    return torch._grouped_mm(swiglu(g, u), down.transpose(1, 2), offs=offs)
+
 
 class Gate(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -85,6 +115,9 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x (N, D) rows sorted by local expert, counts[e] rows for expert e -> (N, D)."""
+        fp8 = self.training_ffn is not None and torch.is_grad_enabled()
+        if not fp8 and x.shape[0] > 0 and use_grouped_mm(x, self.gate_proj):
+            return grouped_swiglu_ffn(x, counts, self.gate_proj, self.up_proj, self.down_proj)
         outs = []
         # split/unbind rather than indexing: their backward is one cat/stack, where indexing would
         # build a zero-filled full-size gradient per expert.
@@ -167,7 +200,7 @@ class MoE(nn.Module):
         token = order // self.top_k
         y = self.experts(x[token], counts.tolist())
         y = y * weights.flatten()[order].unsqueeze(-1).to(y.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))  # bf16 under autocast
 
     def _sequence_aux_loss(self, scores: torch.Tensor, ids: torch.Tensor, batch: int) -> torch.Tensor:
         """DeepSeek-V3's sequence-wise balance loss: alpha * sum_e f_e * P_e, averaged over sequences,

@@ -7,6 +7,10 @@ decode step returns. The decode step (`LatentForward.step`) is a pure function o
 is given, so `compile=True` can hand it whole to torch.compile: inductor fuses the ~600 small kernels
 of a step into a few dozen. One graph serves one running sequence and a second any larger batch and
 cache length; both compile at start-up (`warm_up`). docs/serving.md has the measurements.
+
+On CUDA the compiled step also runs as CUDA graphs (torch.compile's "reduce-overhead" mode): one
+recorded graph per batch size and cache-length bucket (`GRAPH_BUCKET` rows; the rows past each
+sequence's own are masked), replayed with one launch instead of a few dozen kernel launches.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from openk2.model.moe import MoE
 from openk2.model.transformer import LatentForward, Transformer
 from openk2.serve.cache import LatentCache
 from openk2.serve.prefix_cache import PrefixCache
+
+GRAPH_BUCKET = 256  # cache rows a CUDA-graph decode step reads are a multiple of this
 
 
 class CachedForward:
@@ -43,7 +49,10 @@ class CachedForward:
             isinstance(b.mlp, MoE) and b.mlp.dispatcher is not None for b in self.latent.blocks
         ):
             raise ValueError("compile=True is for one process; this model's MoE is expert-parallel")
-        self._step = torch.compile(self.latent.step, fullgraph=True) if compile else self.latent.step
+        self.graphs = compile and self.device.type == "cuda"  # CUDA graphs: static shapes per bucket
+        mode = "reduce-overhead" if self.graphs else None
+        step = self.latent.step
+        self._step = torch.compile(step, fullgraph=True, mode=mode) if compile else step
 
     def refresh(self) -> None:
         """Recompute the absorbed weights after the model's weights changed, and forget every cached
@@ -100,14 +109,21 @@ class CachedForward:
         n = tokens.shape[0]
         # The rows written before (T = length - 1), at least two: a dimension of size 1 would make
         # torch.compile specialise a third graph. Rows past a sequence's own are masked anyway.
-        old = torch.arange(max(length - 1, 2), device=self.device)
+        rows = max(length - 1, 2)
+        if self.graphs:
+            rows = min(-(-rows // GRAPH_BUCKET) * GRAPH_BUCKET, self.cache.max_seq_len)
+        old = torch.arange(rows, device=self.device)
         allowed = old[None, :] < pos[:, None]  # (n, T): each sequence's own rows
         kv = self.cache.kv[:, :n, : old.shape[0]]
-        if self.compiled:  # one graph for a single sequence, one for any larger batch and length
-            batch = ((tokens, 0), (pos, 0), (allowed, 0), (kv, 1)) if n > 1 else ()
-            for t, dim in ((kv, 2), (allowed, 1), *batch):
-                torch._dynamo.mark_dynamic(t, dim)
-        logits, entries = self._step(tokens, pos, allowed, kv)
+        if self.graphs:  # replayed graphs own their outputs: copy them out before the next replay
+            torch.compiler.cudagraph_mark_step_begin()
+            logits, entries = (t.clone() for t in self._step(tokens, pos, allowed, kv))
+        else:
+            if self.compiled:  # one graph for a single sequence, one for any larger batch and length
+                batch = ((tokens, 0), (pos, 0), (allowed, 0), (kv, 1)) if n > 1 else ()
+                for t, dim in ((kv, 2), (allowed, 1), *batch):
+                    torch._dynamo.mark_dynamic(t, dim)
+            logits, entries = self._step(tokens, pos, allowed, kv)
         flat = self.cache.kv.view(self.cache.num_layers, -1, self.cache.dim)
         flat.index_copy_(1, self._rows[:n] + pos, entries)  # row of (slot, position) in every layer
         return logits

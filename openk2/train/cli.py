@@ -11,7 +11,8 @@ import argparse
 import sys
 from dataclasses import fields
 
-from openk2.distributed.mesh import ParallelConfig
+from openk2.distributed.device import PRECISIONS
+from openk2.distributed.mesh import CHECKPOINT_FORMATS, ParallelConfig
 from openk2.train.config import NS_DTYPES, OPTIMIZERS, ModelOptions, OptimizerOptions, RunOptions, TrainConfig
 from openk2.train.loop import pretrain
 from openk2.train.memory import MemoryOptions
@@ -30,6 +31,7 @@ HELP = {
     "seq_len": "tokens per sequence",
     "grad_accum": "micro-batches per optimizer step",
     "lr": "peak learning rate (shared by the Muon and AdamW parts)",
+    "precision": "auto: bf16 autocast on CUDA, fp32 elsewhere; bf16: bf16 autocast on any device; fp32",
     "ns_dtype": "Newton-Schulz precision (auto: bfloat16 as K2 with bf16 hardware, else float32)",
     "qk_clip_tau": "QK-Clip threshold on the max attention logit",
     "bias_update_rate": "aux-loss-free routing-bias step per optimizer step",
@@ -61,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=HELP.get(f.name))
             continue
         kind = OPTIONAL.get(f.name, type(value))
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "ns_dtype": NS_DTYPES}.get(f.name)
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "ns_dtype": NS_DTYPES,
+                   "precision": PRECISIONS}.get(f.name)  # fmt: skip
         p.add_argument(flag, type=kind, default=value, choices=choices, help=HELP.get(f.name))
     p.add_argument("--recompute", action="store_true", help="selective recomputation (norms, SwiGLU, MLA)")
     p.add_argument("--fp8-activations", action="store_true", help="save expert activations as FP8 (1x128)")
@@ -74,6 +77,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     par.add_argument("--dp", type=int, default=0, help="data-parallel replicas (0: processes / (pp * ep))")
     par.add_argument("--virtual-stages", type=int, default=1, help="model chunks per pipeline rank")
     par.add_argument("--microbatches", type=int, default=0, help="pipeline micro-batches (0: 2 * pp)")
+    fmt_help = (
+        "full: one servable HF-layout checkpoint gathered on rank 0; sharded: every rank writes "
+        "its share with torch.distributed.checkpoint (`openk2 export` makes it one HF directory)"
+    )
+    par.add_argument("--checkpoint-format", choices=CHECKPOINT_FORMATS, default="full", help=fmt_help)
     p.add_argument("--no-resume", action="store_true", help="start a new run instead of resuming out_dir's")
     p.add_argument(
         "--overwrite",
@@ -90,7 +98,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values["memory"] = MemoryOptions(args.recompute, args.fp8_activations, args.offload)
     values["progress"] = not args.no_progress
     values["tensorboard"] = not args.no_tensorboard
-    values["parallel"] = ParallelConfig(args.pp, args.dp, args.ep, args.virtual_stages, args.microbatches)
+    values["parallel"] = ParallelConfig(args.pp, args.dp, args.ep, args.virtual_stages, args.microbatches,
+                                        checkpoint=args.checkpoint_format)  # fmt: skip
     return TrainConfig(**values).validate()
 
 

@@ -23,6 +23,7 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from openk2.distributed.device import PRECISIONS
 from openk2.distributed.mesh import ParallelConfig
 from openk2.train.memory import MemoryOptions
 
@@ -73,6 +74,7 @@ class OptimizerOptions:
     qk_clip_tau: float = 100.0
     grad_clip: float = 1.0
     ns_dtype: str = "auto"
+    precision: str = "auto"  # bf16: bf16 autocast; fp32; auto: bf16 on CUDA (distributed.device)
     bias_update_rate: float = 1e-3
     aux_loss_alpha: float | None = None  # None: the model config's
     schedule: str = "wsd"
@@ -85,6 +87,8 @@ class OptimizerOptions:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.ns_dtype not in NS_DTYPES:
             raise ConfigError(f"unknown ns_dtype {self.ns_dtype!r}; choose one of {', '.join(NS_DTYPES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:

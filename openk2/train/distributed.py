@@ -2,12 +2,15 @@
 
     torchrun --standalone --nproc-per-node 4 -m openk2.cli train --preset tiny --pp 2 --ep 2
 
-Same run, same numbers. Every process builds the same packed data loader and reads the same global
-batch of `batch_size` sequences per micro-batch; each rank of a stage's batch group (dp x ep) keeps
-its rows (`Mesh.local_batch`), so the global batch, and with it the loss, the gradient and the update,
-are the single-process run's up to floating-point summation order. The model is built on every rank
-from the same seed and then cut (pipeline chunks) and sharded (expert slices); the optimizer is
-`DistributedMuon` (ZeRO-1) with MuonClip's arithmetic, or its AdamW-only mode for `--optimizer adamw`.
+Same run, same numbers. Every rank works on its rows of the same global batch of `batch_size`
+sequences per micro-batch, so the global batch, and with it the loss, the gradient and the update, are
+the single-process run's up to floating-point summation order. A streamed corpus (token shards,
+`openk2.train.shards`) is read shard-aware: each rank of a stage's batch group (dp x ep) reads only its
+rows from the memory-mapped shards (`StreamingLoader.shard_`), the pipeline stages of one batch rank
+the same rows; an in-memory corpus is loaded by every rank and sliced (`Mesh.local_batch`). The model
+is built on every rank from the same seed and then cut (pipeline chunks) and sharded (expert slices);
+the optimizer is `DistributedMuon` (ZeRO-1) with MuonClip's arithmetic, or its AdamW-only mode for
+`--optimizer adamw`.
 
 `DistributedTrainer` shares `StepTrainer` (aux-loss override, schedule, counters) with the one-process
 `Trainer`, and the run around it (run directory, resume, logs, signals, plots) is the same driver,
@@ -24,18 +27,26 @@ Per step (`DistributedTrainer.train_step`, mirroring `Trainer.train_step`):
 4. the step's loss, aux loss, max logit, clipped heads and imbalance are reduced for the log, which
    only rank 0 writes (as it alone prints, draws the progress bar and writes PNGs).
 
-Checkpoints are layout-independent because they are the single-process checkpoints: full tensors are
-gathered to rank 0, which writes the same Hugging Face-layout directory and `trainer_state.pt` (the
-full optimizer state in `MuonClip`/`AdamW` `state_dict` form, step, data position, RNG, config) as
-`pretrain`. Loading reads that directory on every rank and keeps each rank's share. So a run saved with
-ep=2 resumes in one process or with pp=2 and the other way round, and `openk2 sample`, `openk2 serve`
-and `openk2 export` take any of them. The price: the full model and optimizer state pass through rank
-0 (and every rank reads the full checkpoint) -- fine up to models that fit one host's memory; at K2
-scale one would write per-rank shards with `torch.distributed.checkpoint`.
+Devices: one code path. Each process computes on `resolve_device(--device)` (the GPU numbered by its
+LOCAL_RANK under `auto` or `cuda`, else the CPU) and the processes are joined by NCCL for CUDA, gloo
+for the CPU; the meshes, expert all-to-alls, pipeline and ZeRO-1 Muon allocate on the parameters'
+device. `--precision bf16` (the default on CUDA) runs forwards under bf16 autocast.
 
-Limitations: the collectives here run on CPU tensors with gloo, so this path trains on the CPU
-(`--device auto` or `cpu`); `--document-mask` (segment ids) is not carried through the pipeline, so it
-needs pp = 1.
+Checkpoints are layout-independent, in one of two formats (`--checkpoint-format`):
+
+* `full` (default): the single-process checkpoint. Full tensors are gathered to rank 0, which writes
+  the same Hugging Face-layout directory and `trainer_state.pt` (optimizer state in `MuonClip`/`AdamW`
+  `state_dict` form, step, data position, RNG, config) as `pretrain`; servable as is. The full model
+  and optimizer pass through rank 0: fine up to what one host holds.
+* `sharded`: every rank writes its own share with `torch.distributed.checkpoint` into the
+  checkpoint's `dcp/` (`openk2.distributed.checkpoint`); rank 0 adds config.json, the tokenizer and
+  `trainer_state.pt` without the optimizer, then the manifest, and renames the directory into place
+  (complete or absent, as every checkpoint). Nothing is gathered. `openk2 export` turns it into one
+  HF directory; `openk2 sample` and `serve` read it directly (assembled in memory).
+
+Either format resumes under any layout or in one process, and the other way round.
+
+Limitation: `--document-mask` (segment ids) is not carried through the pipeline, so it needs pp = 1.
 """
 
 from __future__ import annotations
@@ -51,7 +62,9 @@ import torch
 import torch.distributed as dist
 
 from openk2.checkpoint import load_model
+from openk2.checkpoint.sharded import is_sharded
 from openk2.distributed import checkpoint as dckpt
+from openk2.distributed.device import autocast_context, collective_backend, resolve_device
 from openk2.distributed.dist_muon import DistributedMuon
 from openk2.distributed.launch import setup
 from openk2.distributed.mesh import Mesh, ParallelConfig, all_reduce_, init_from_env
@@ -74,6 +87,7 @@ from openk2.train.loop import (
 from openk2.train.memory import activation_context, apply_memory_options
 from openk2.train.run import Run
 from openk2.train.schedule import Schedule
+from openk2.train.shards import StreamingLoader
 
 
 def resolve_layout(parallel: ParallelConfig, world: int | None = None) -> ParallelConfig:
@@ -106,11 +120,23 @@ def _world():
 class DistributedTrainer(StepTrainer):
     """`Trainer` on a mesh: same step, statistics, clipping and divergence check; see the module doc."""
 
-    def __init__(self, model: Transformer, mesh: Mesh, schedule: Schedule, cfg: TrainConfig):
+    def __init__(
+        self,
+        model: Transformer,
+        mesh: Mesh,
+        schedule: Schedule,
+        cfg: TrainConfig,
+        device: torch.device | None = None,
+        local_rows: bool = False,
+    ):
+        """local_rows: the batches handed to `train_step` are already this rank's rows (a shard-aware
+        loader); otherwise they are global batches and each rank takes its rows."""
         super().__init__(model, schedule, cfg)
         self.mesh = mesh
         self.config = model.config
-        self.pm = ParallelModel(model, mesh)
+        self.device = device or torch.device("cpu")
+        self.local_rows = local_rows
+        self.pm = ParallelModel(model.to(self.device), mesh)
         for ch in self.pm.chunks:
             apply_memory_options(ch, cfg.memory)
         tau = cfg.qk_clip_tau if cfg.optimizer == "muonclip" else None
@@ -150,11 +176,15 @@ class DistributedTrainer(StepTrainer):
         mesh, pm = self.mesh, self.pm
         if mb.loss_mask is not None:
             raise ValueError("loss masks are not supported by distributed pre-training")
-        x, y = mesh.local_batch(mb.input_ids), mesh.local_batch(mb.targets)
-        with activation_context(self.cfg.memory, torch.device("cpu")):
+        rows = (lambda t: t) if self.local_rows else mesh.local_batch
+        x, y = rows(mb.input_ids).to(self.device), rows(mb.targets).to(self.device)
+        with (
+            activation_context(self.cfg.memory, self.device),
+            autocast_context(self.device, self.cfg.precision),
+        ):
             if pm.pipeline is None:
                 model = pm.chunks[0]
-                seg = None if mb.segment_ids is None else mesh.local_batch(mb.segment_ids)
+                seg = None if mb.segment_ids is None else rows(mb.segment_ids).to(self.device)
                 loss = causal_lm_loss(model(x, segment_ids=seg), y)
                 ((loss + model.aux_loss()) / n).backward()
                 return float(loss.detach())
@@ -181,8 +211,8 @@ class DistributedTrainer(StepTrainer):
         loss_sum, tokens = 0.0, 0
         for mb in micro_batches:
             loss_sum += self._forward_backward(mb, n)
-            tokens += mb.num_tokens
-        sums = all_reduce_(torch.tensor([loss_sum, self._aux], dtype=torch.float64), _world())
+            tokens += mb.num_tokens * (self.mesh.batch_size if self.local_rows else 1)
+        sums = all_reduce_(self._tensor([loss_sum, self._aux], torch.float64), _world())
         per = self.mesh.batch_size * n  # every (batch rank, micro-batch) contributed one mean
         loss_value, aux_value = float(sums[0]) / per, float(sums[1]) / (per * self.pipe_mb)
 
@@ -191,7 +221,7 @@ class DistributedTrainer(StepTrainer):
         logits = [m for ch in chunks for m in ch.max_attention_logits().values()]
         counts = {k: c for ch in chunks for k, c in ch.expert_counts().items()}
         local_max = max((float(m.max()) for m in logits), default=float("-inf"))
-        maxes = all_reduce_(torch.tensor([local_max, load_imbalance(counts)]), _world(), dist.ReduceOp.MAX)
+        maxes = all_reduce_(self._tensor([local_max, load_imbalance(counts)]), _world(), dist.ReduceOp.MAX)
         grad_norm = self.optimizer.reduce_grads()
         check_finite(self.step + 1, loss_value, grad_norm)
         coef = self.cfg.grad_clip / (grad_norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
@@ -203,7 +233,7 @@ class DistributedTrainer(StepTrainer):
                 blk.self_attn.max_logits = None
             update_routing_bias_(ch, rate=self.cfg.bias_update_rate)
         # each batch-group rank clipped the same heads; the pp ranks clipped different layers
-        clipped = int(all_reduce_(torch.tensor(clipped), _world())) // self.mesh.batch_size
+        clipped = int(all_reduce_(self._tensor(clipped), _world())) // self.mesh.batch_size
         return self.end_step(
             tokens,
             scale,
@@ -216,14 +246,20 @@ class DistributedTrainer(StepTrainer):
             imbalance=float(maxes[1]),
         )
 
+    def _tensor(self, values, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A small tensor for a collective, on the device the backend communicates from."""
+        return torch.tensor(values, dtype=dtype, device=self.device)
+
     # ------------------------------------------------------------------ evaluation
     def _forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor | None:
         """Forward of a whole batch through the chunks in order (no pipelining: evaluation is rare).
         Every rank of a stage runs the same rows, so expert all-to-alls pair up. Returns the logits on
         the last stage, None elsewhere."""
         pp, chunks = self.mesh.parallel.pp, self.pm.chunks
+        input_ids = input_ids.to(self.device)
         if pp == 1:
-            return chunks[0](input_ids, segment_ids=segment_ids)
+            seg = None if segment_ids is None else segment_ids.to(self.device)
+            return chunks[0](input_ids, segment_ids=seg)
         ranks, me = self.mesh.pp_ranks, self.mesh.pp_rank
         n_chunks = pp * self.mesh.parallel.virtual_stages
         b, s = input_ids.shape
@@ -232,11 +268,11 @@ class DistributedTrainer(StepTrainer):
             if c % pp != me:
                 continue
             if c > 0:
-                h = torch.empty(b, s, self.config.hidden_size, dtype=self.params[0].dtype)
+                h = torch.empty(b, s, self.config.hidden_size, dtype=self.params[0].dtype, device=self.device)
                 dist.recv(h, ranks[(c - 1) % pp])
             h = chunks[c // pp](h)
             if c < n_chunks - 1:
-                dist.send(h.contiguous(), ranks[(c + 1) % pp])
+                dist.send(h.to(self.params[0].dtype).contiguous(), ranks[(c + 1) % pp])
         return h if self.mesh.is_last_stage else None
 
     @torch.no_grad()
@@ -248,20 +284,49 @@ class DistributedTrainer(StepTrainer):
         try:
             total, count = 0.0, 0
             for mb in batches:
-                logits = self._forward(mb.input_ids, mb.segment_ids)
+                with autocast_context(self.device, self.cfg.precision):
+                    logits = self._forward(mb.input_ids, mb.segment_ids)
                 if logits is not None:
+                    mb = mb.to(self.device)
                     total += float(causal_lm_loss(logits, mb.targets, mb.loss_mask)) * mb.num_tokens
                 count += mb.num_tokens
-            total = float(all_reduce_(torch.tensor(total, dtype=torch.float64), self.mesh.pp_group))
+            total = float(all_reduce_(self._tensor(total, torch.float64), self.mesh.pp_group))
         finally:
             for ch in self.pm.chunks:
                 ch.record_stats(True)
                 ch.train()
         return total / max(count, 1)
 
-    # ------------------------------------------------------------------ checkpoints (single-process format)
+    # ------------------------------------------------------------------ checkpoints
     def save(self, run: Run, tokenizer, extra: dict) -> Path:
-        """Write `pretrain`'s checkpoint (HF layout + trainer_state.pt) from rank 0. Collective."""
+        """Write this step's checkpoint in the configured format (see the module doc). Collective."""
+        if self.mesh.parallel.checkpoint == "sharded":
+            return self._save_sharded(run, tokenizer, extra)
+        return self._save_full(run, tokenizer, extra)
+
+    def _save_sharded(self, run: Run, tokenizer, extra: dict) -> Path | None:
+        """Every rank writes its share into rank 0's temporary checkpoint directory (whose name rank 0
+        broadcasts); rank 0 adds config.json, tokenizer and trainer state, then publishes it."""
+
+        def write_shards(tmp: Path) -> None:  # on rank 0, inside save_checkpoint
+            dist.broadcast_object_list([str(tmp)], src=0)
+            dckpt.save_shards(tmp, self.pm, self.optimizer)
+            self.config.save_pretrained(tmp)
+
+        path = None
+        if self.mesh.rank == 0:
+            path = run.save(
+                self.step, None, tokenizer, {**self.counters(), **extra}, write_model=write_shards
+            )
+        else:
+            where = [None]
+            dist.broadcast_object_list(where, src=0)
+            dckpt.save_shards(where[0], self.pm, self.optimizer)
+        dist.barrier()
+        return path
+
+    def _save_full(self, run: Run, tokenizer, extra: dict) -> Path:
+        """Write `pretrain`'s checkpoint (HF layout + trainer_state.pt) from rank 0."""
         mesh = self.mesh
         model_sd, optim = dckpt.gather_stage(self.pm, self.optimizer)
         if mesh.parallel.pp > 1 and mesh.dp_rank == 0 and mesh.ep_rank == 0:  # rank 0's pp group
@@ -293,8 +358,12 @@ class DistributedTrainer(StepTrainer):
         return path
 
     def load(self, ckpt: Path, state: dict) -> None:
-        """Load a `pretrain` checkpoint (written under any layout, or by one process) into this rank's
-        share: weights, routing biases, optimizer state, step and token counts."""
+        """Load a checkpoint of either format (written under any layout, or by one process) into this
+        rank's share: weights, routing biases, optimizer state, step and token counts."""
+        if is_sharded(ckpt):
+            dckpt.load_shards(ckpt, self.pm, self.optimizer)
+            self.load_counters(state)
+            return
         full = load_model(ckpt, dtype=self.params[0].dtype)
         opt = build_optimizer(full, self.cfg)  # the one-process optimizer
         opt.load_state_dict(state["optimizer"])
@@ -302,15 +371,14 @@ class DistributedTrainer(StepTrainer):
         for name, p in full.named_parameters():
             if p in opt.state:
                 optim[name] = {k: int(v) if k == "step" else v for k, v in opt.state[p].items()}
-        dckpt.load_full(self.pm, self.optimizer, full.state_dict(), optim, str(ckpt))
+        dckpt.load_full(self.pm, self.optimizer, full.to(self.device).state_dict(), optim, str(ckpt))
         self.load_counters(state)
 
 
 def pretrain_distributed(cfg: TrainConfig, model_cfg, resume: bool = True, overwrite: bool = False) -> dict:
     """`pretrain` on the mesh `cfg.parallel` under torchrun (called by `pretrain`). Returns the same
     summary on every rank, plus "rank" and "layout"; only rank 0 logs, prints and plots."""
-    if cfg.device not in ("auto", "cpu"):
-        raise ValueError(f"distributed training runs on the CPU (gloo) for now; --device {cfg.device}")
+    device = resolve_device(cfg.device)  # this process's GPU (LOCAL_RANK) or the CPU; one-line error
     parallel = resolve_layout(cfg.parallel)
     if cfg.document_mask and parallel.pp > 1:
         raise ValueError("--document-mask needs --pp 1: segment ids are not passed through the pipeline")
@@ -321,20 +389,19 @@ def pretrain_distributed(cfg: TrainConfig, model_cfg, resume: bool = True, overw
         r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
         FutureWarning,
     )
-    init_from_env("gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    init_from_env(collective_backend(device))
     mesh = setup(parallel)
     try:
-        return _run(cfg, model_cfg, mesh, resume, overwrite)
+        return _run(cfg, model_cfg, mesh, device, resume, overwrite)
     finally:
         dist.destroy_process_group()
 
 
-def _agree(stop: bool) -> bool:
-    """Stop when any rank was signalled (the save that follows is collective)."""
-    return bool(all_reduce_(torch.tensor(int(stop)), dist.group.WORLD, dist.ReduceOp.MAX))
-
-
-def _run(cfg: TrainConfig, model_cfg, mesh: Mesh, resume: bool, overwrite: bool) -> dict:
+def _run(
+    cfg: TrainConfig, model_cfg, mesh: Mesh, device: torch.device, resume: bool, overwrite: bool
+) -> dict:
     rank0 = mesh.rank == 0
     check_corpus(cfg, warn=rank0)
     run = Run(cfg, job="pretrain", config=asdict(cfg), model_config=model_cfg, resume=resume,
@@ -342,12 +409,20 @@ def _run(cfg: TrainConfig, model_cfg, mesh: Mesh, resume: bool, overwrite: bool)
     state = run.open()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, and as one process
     tokenizer, loader, eval_batches, facts = prepare_data(cfg, model_cfg.vocab_size)
-    trainer = DistributedTrainer(Transformer(model_cfg), mesh, make_schedule(cfg), cfg)
+    shard_aware = isinstance(loader, StreamingLoader)
+    trainer = DistributedTrainer(Transformer(model_cfg), mesh, make_schedule(cfg), cfg, device, shard_aware)
     trainer.check_batch(cfg.batch_size)
+    if shard_aware:  # each batch rank reads only its rows of the memory-mapped shards
+        loader.shard_(mesh.batch_rank, mesh.batch_size)
+
+    def agree(stop: bool) -> bool:
+        """Stop when any rank was signalled (the save that follows is collective)."""
+        return bool(all_reduce_(trainer._tensor(int(stop)), dist.group.WORLD, dist.ReduceOp.MAX))
+
     p = mesh.parallel
     layout = {"pp": p.pp, "dp": p.dp, "ep": p.ep, "virtual_stages": p.virtual_stages,
               "microbatches": trainer.pipe_mb, "world_size": p.world_size}  # fmt: skip
-    where = f"cpu x {p.world_size} processes (pp {p.pp}, dp {p.dp}, ep {p.ep})"
+    where = f"{device.type} x {p.world_size} processes (pp {p.pp}, dp {p.dp}, ep {p.ep})"
     summary = drive_pretraining(cfg, model_cfg, run, state, trainer, tokenizer, loader, eval_batches, facts,
-                                where, layout=layout, agree=_agree)  # fmt: skip
+                                where, layout=layout, agree=agree)  # fmt: skip
     return {"rank": mesh.rank, "layout": layout, **summary}

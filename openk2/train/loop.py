@@ -25,7 +25,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -176,9 +175,9 @@ class Trainer(StepTrainer):
         apply_memory_options(model, cfg.memory)
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        from openk2.distributed.device import autocast_context
+
+        return autocast_context(self.device, self.cfg.precision)
 
     def train_step(self, micro_batches: list[Batch]) -> dict:
         """One optimizer step; returns its metrics. Raises TrainingDiverged (weights untouched) on a
@@ -256,8 +255,12 @@ class Trainer(StepTrainer):
     def load(self, checkpoint: Path, state: dict) -> None:
         """Resume from a run checkpoint: its weights (routing biases included) and trainer state."""
         from openk2.checkpoint.hf import load_weights_
+        from openk2.checkpoint.sharded import is_sharded, load_optimizer_state_
 
-        load_weights_(self.model, checkpoint)
+        load_weights_(self.model, checkpoint)  # either format
+        if is_sharded(checkpoint):  # written under torchrun by every rank (distributed.checkpoint)
+            load_optimizer_state_(self.optimizer, self.model, checkpoint)
+            return self.load_counters(state)
         self.load_state_dict(state)
 
     def save(self, run: Run, tokenizer, extra: dict) -> Path:

@@ -257,15 +257,17 @@ class Run:
         if self.logger is not None:
             self.logger.log(record)
 
-    def save(self, step: int, model, tokenizer, state: dict) -> Path:
+    def save(self, step: int, model, tokenizer, state: dict, write_model=None) -> Path:
         """Write a checkpoint of this run (main process only): the model, the tokenizer and the
-        trainer state, which gets the run id, the job and the run's config."""
+        trainer state, which gets the run id, the job and the run's config. `write_model`: see
+        `save_checkpoint` (a sharded checkpoint written by every rank)."""
         from openk2.checkpoint.store import save_checkpoint
 
         state = {**state, "job": self.job, "config": self.config, "run_id": self.run_id}
         return save_checkpoint(
-            self.dir, step, model, tokenizer, state, keep=self.options.keep_checkpoints, run_id=self.run_id
-        )
+            self.dir, step, model, tokenizer, state, keep=self.options.keep_checkpoints, run_id=self.run_id,
+            write_model=write_model,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:

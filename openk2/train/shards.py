@@ -271,6 +271,15 @@ class StreamingLoader:
             )
         self.position, self.epoch = 0, 0
 
+    def shard_(self, rank: int, world: int) -> StreamingLoader:
+        """Read only data-parallel rank `rank` of `world`'s rows of each global batch from now on
+        (the position, a global token offset, is unchanged, so a checkpoint resumes under any
+        number of ranks)."""
+        if not 0 <= rank < world or self.batch_size % world:
+            raise ValueError(f"batch_size {self.batch_size} cannot be split over {world} data-parallel ranks")
+        self.rank, self.world = rank, world
+        return self
+
     def next_batch(self) -> Batch:
         if self.position + self.stride + 1 > self.limit:  # drop the ragged tail, wrap around
             self.position, self.epoch = 0, self.epoch + 1
