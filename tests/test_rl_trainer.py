@@ -346,3 +346,16 @@ def test_train_warns_when_no_group_has_reward_spread(tmp_path):
     warnings = [line for line in lines if "no group has reward spread" in line]
     assert warnings and warnings[0].startswith("warning: step 1:")
     assert lines[-1] == "warning: 1 of 1 steps had no reward spread in any group"
+
+
+def test_rl_config_ns_dtype_is_checked_and_reaches_muon():
+    """ns_dtype pins Newton-Schulz precision in RL (results then reproduce across CPUs)."""
+    from openk2.rl.trainer import RLConfig, RLTrainer
+    from openk2.train.config import ConfigError
+
+    env = [{"name": "arithmetic", "kwargs": {"min_digits": 1, "max_digits": 1}, "max_tokens": 4}]
+    with pytest.raises(ConfigError, match="ns_dtype"):
+        RLConfig.from_dict({"envs": env, "ns_dtype": "fp8"})
+    cfg = RLConfig.from_dict({"envs": env, "ns_dtype": "float32", "out_dir": None, "steps": 1})
+    trainer = RLTrainer(cfg)
+    assert trainer.optimizer.ns_dtype == torch.float32

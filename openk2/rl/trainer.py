@@ -51,7 +51,14 @@ from openk2.serve.engine import Engine
 from openk2.serve.sampling import SamplingParams
 from openk2.tokenizer import K2Tokenizer
 from openk2.tokenizer.chat import encode_chat
-from openk2.train.config import ConfigError, RunOptions, check_tokenizer_name, from_mapping, read_config_file
+from openk2.train.config import (
+    NS_DTYPES,
+    ConfigError,
+    RunOptions,
+    check_tokenizer_name,
+    from_mapping,
+    read_config_file,
+)
 
 
 @dataclass
@@ -92,6 +99,9 @@ class RLConfig(RunOptions):
     lr: float = 0.002
     adamw_lr: float | None = None
     weight_decay: float = 0.0
+    # Newton-Schulz precision (auto: bfloat16 where the CPU has bf16 units, else float32). Pin it
+    # to make a result reproduce across CPUs: the two precisions take different trajectories.
+    ns_dtype: str = "auto"
     temperature_start: float = 1.0
     temperature_end: float = 0.7
     temperature_steps: int | None = None  # None: decay over the whole run
@@ -149,6 +159,8 @@ class RLConfig(RunOptions):
             raise ConfigError("ptx_weight > 0 needs ptx_data (a JSONL file of chat examples)")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.ns_dtype not in NS_DTYPES:
+            raise ConfigError(f"unknown ns_dtype {self.ns_dtype!r}; choose one of {', '.join(NS_DTYPES)}")
         if self.device not in ("auto", "cpu"):
             raise ConfigError(f"RL runs on the CPU for now; device {self.device!r}")
         check_tokenizer_name(self.tokenizer)
@@ -335,7 +347,12 @@ class RLTrainer:
             )
         self.sync()
         self.optimizer = MuonClip(
-            self.model, lr=c.lr, weight_decay=c.weight_decay, adamw_lr=c.adamw_lr, qk_clip_tau=100.0
+            self.model,
+            lr=c.lr,
+            weight_decay=c.weight_decay,
+            adamw_lr=c.adamw_lr,
+            qk_clip_tau=100.0,
+            ns_dtype=c.ns_dtype,
         )
         self.worker = RolloutWorker(
             self.engine,
@@ -357,7 +374,9 @@ class RLTrainer:
             else:
                 critic_model = load_model(c.critic, dtype=torch.float32)
                 self.critic = SelfCritic(critic_model, self.tokenizer, CritiqueConfig())
-                self.critic_optimizer = MuonClip(critic_model, lr=c.critic_lr, weight_decay=0.0)
+                self.critic_optimizer = MuonClip(
+                    critic_model, lr=c.critic_lr, weight_decay=0.0, ns_dtype=c.ns_dtype
+                )
         self._task_seed = 0
         self.log_fn = log_fn
         self.history: list[dict] = []
