@@ -1,77 +1,49 @@
 """QK-Clip ablation: one small MoE trained twice at an aggressive learning rate, with plain Muon and
-with MuonClip, from the same seed on the same batches. Writes docs/qk_clip.json and docs/qk_clip.png.
+with MuonClip, from the same seed on the same batches; the max attention logit and the losses.
 
-    python experiments/qk_clip.py
+    python experiments/qk_clip.py            # -> runs/qk_clip/
+    python experiments/qk_clip.py --docs     # -> docs/qk_clip.json, docs/qk_clip.png
 
 tau = 30 (not K2's 100): like the report's small-scale ablation, a CPU-sized run only reaches logits of
 a few tens, so the threshold has to sit where plain Muon actually crosses it to show anything.
+Newton-Schulz runs in float32 (the harness pins it): with "auto" it would be bf16 on CPUs with bf16
+units and fp32 elsewhere, and the logits' growth differs between the two.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from openk2.train.logging import read_metrics  # noqa: E402
-from openk2.train.loop import TrainConfig, pretrain  # noqa: E402
+from harness import parser, run_config, setup, train_run, write_result  # noqa: E402
 
-
-def train(name: str, out: Path, **kw) -> dict:
-    cfg = TrainConfig(out_dir=str(out / name), progress=False, tensorboard=False, save_every=10**9, **kw)
-    t = time.perf_counter()
-    shutil.rmtree(out / name, ignore_errors=True)  # each experiment run starts fresh
-    summary = pretrain(cfg, resume=False)
-    records = read_metrics(out / name)
-    train_records = [r for r in records if r["kind"] == "train"]
-    return {
-        "config": {k: v for k, v in records[0]["config"].items() if k != "memory"},
-        "final_train_loss": sum(r["loss"] for r in train_records[-10:]) / 10,  # mean of the last 10 steps
-        "final_eval_loss": summary["eval_loss"],
-        "max_logit": [r["max_logit"] for r in train_records],
-        "loss": [r["loss"] for r in train_records],
-        "heads_clipped": [r["heads_clipped"] for r in train_records],
-        "tokens": [r["tokens"] for r in train_records],
-        "seconds": time.perf_counter() - t,
-    }
+NAME = "qk_clip"
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = parser(NAME, __doc__)
     p.add_argument("--lr", type=float, default=0.08)
     p.add_argument("--tau", type=float, default=30.0)
     p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--out", default="runs/experiments/qk_clip")
-    p.add_argument("--docs", default=str(ROOT / "docs"))
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    common = dict(
-        preset="tiny",
-        corpus="shakespeare",
-        max_chars=2_000_000,
-        steps=args.steps,
-        batch_size=8,
-        seq_len=128,
-        lr=args.lr,
-        warmup_steps=10,
-        eval_every=50,
-        eval_batches=4,
-    )
-    out = Path(args.out)
+    if args.quick:
+        args.steps = 8
+    out = setup(args)
+    common = dict(steps=args.steps, lr=args.lr, seed=args.seed, threads=args.threads, qk_clip_tau=args.tau)
+    eval_every = max(1, min(30, args.steps // 4))
     runs = {
-        "muon": train("muon", out, optimizer="muon", **common),
-        "muonclip": train("muonclip", out, optimizer="muonclip", qk_clip_tau=args.tau, **common),
+        "muon": train_run(run_config(optimizer="muon", **common), eval_every=eval_every),
+        "muonclip": train_run(run_config(optimizer="muonclip", **common), eval_every=eval_every),
     }
     muon, clip = runs["muon"], runs["muonclip"]
     result = {
-        "command": "python experiments/qk_clip.py",
         "tau": args.tau,
         "lr": args.lr,
+        "steps": args.steps,
+        "seed": args.seed,
         "model": "tiny preset (3 layers, 4 heads, 8 routed experts top-2), byte-level tokenizer",
         "peak_max_logit": {k: max(v["max_logit"]) for k, v in runs.items()},
         "final_max_logit": {k: v["max_logit"][-1] for k, v in runs.items()},
@@ -85,19 +57,13 @@ def main() -> None:
         "eval_loss_gap_percent": 100
         * (clip["final_eval_loss"] - muon["final_eval_loss"])
         / muon["final_eval_loss"],
+        "cpu_seconds": {k: v["cpu_seconds"] for k, v in runs.items()},
         "runs": runs,
     }
-    docs = Path(args.docs)
-    docs.mkdir(exist_ok=True)
-    (docs / "qk_clip.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, docs / "qk_clip.png")
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
+    write_result(out, NAME, result, plot, args)
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))

@@ -1,7 +1,9 @@
 """Does SFT on synthetic tool-use conversations teach a small model to emit well-formed K2 tool calls?
 
-    python experiments/sft_toolcalls.py [--init CKPT] [--steps 360] [--out runs/sft-toolcalls]
-                                        [--result docs/sft_toolcalls.json]
+    python experiments/sft_toolcalls.py [--init CKPT] [--steps 360] [--out runs/sft-toolcalls] [--docs]
+
+The result is written to OUT/result.json; --docs also copies it to docs/sft_toolcalls.json (the
+committed result), --result PATH to any other file.
 
 1. Tool repository: the shipped MCP server's real tools plus synthetic tools grown by
    `evolve_tools` (categories -> domains -> tools). No capable model is available offline, so the
@@ -253,7 +255,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--init", help="checkpoint to fine-tune (default: a fresh tiny-architecture model)")
     ap.add_argument("--out", default="runs/sft-toolcalls")
-    ap.add_argument("--result", default="docs/sft_toolcalls.json", help="where the result JSON is copied")
+    ap.add_argument("--result", default=None, help="also copy the result JSON here")
+    ap.add_argument("--docs", action="store_true", help="also copy it to docs/sft_toolcalls.json")
     ap.add_argument("--agents-per-domain", type=int, default=2)
     ap.add_argument("--tools-per-agent", type=int, default=3)
     ap.add_argument("--tasks-per-agent", type=int, default=10, help="trained on, per training agent")
@@ -340,6 +343,8 @@ def main() -> None:
     }
     text = json.dumps(result, indent=1)
     (out / "result.json").write_text(text)
+    if args.docs:
+        args.result = str(Path(__file__).resolve().parents[1] / "docs" / "sft_toolcalls.json")
     if args.result:
         Path(args.result).write_text(text + "\n")
     for mode in ("free", "constrained"):
