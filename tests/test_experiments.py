@@ -15,13 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ("qk_clip", "muon_vs_adamw", "sparsity", "heads")
 
 
-def docs_state() -> dict[str, float]:
-    return {p.name: p.stat().st_mtime_ns for p in (ROOT / "docs").iterdir() if p.is_file()}
+def docs_state(name: str) -> tuple[set[str], dict[str, int]]:
+    """The names in docs/, and the modification times of the experiment's committed result files."""
+    docs = ROOT / "docs"
+    own = [docs / f"{name}.json", docs / f"{name}.png"]
+    return {p.name for p in docs.iterdir()}, {p.name: p.stat().st_mtime_ns for p in own if p.exists()}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_experiment_quick_run_writes_json_and_png_into_out(name, tmp_path):
-    before = docs_state()
+    before = docs_state(name)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / f"{name}.py"), "--quick", "--out", str(tmp_path / "o")],
@@ -37,7 +40,7 @@ def test_experiment_quick_run_writes_json_and_png_into_out(name, tmp_path):
     for r in result["runs"].values():  # held-out curve from step 0 to the end, every loss finite
         assert r["eval_tokens"][0] == 0 and r["eval_tokens"][-1] == r["tokens"][-1]
         assert all(0 < x < 10 for x in r["eval_loss"] + r["loss"])
-    assert docs_state() == before, "an experiment wrote into docs/ without --docs"
+    assert docs_state(name) == before, "an experiment wrote into docs/ without --docs"
     assert not (tmp_path / "runs").exists()  # --out was honoured
 
 
