@@ -66,3 +66,33 @@ def test_bf16_training_tracks_fp32_on_tiny():
     assert max(gaps) < 0.02, f"worst step gap {max(gaps):.3%}"
     assert abs(eval16 - eval32) / eval32 < 0.01, (eval16, eval32)
     assert bf16 != fp32  # really a different precision
+
+
+def test_onednn_fp32_linear_equals_f_linear(monkeypatch):
+    """`OPENK2_FP32_MATMUL=onednn` routes the model's fp32 CPU matmuls (forward and both gradients)
+    through oneDNN: the same loss and gradients as torch's default (MKL) to float32 rounding."""
+    from openk2.model import layers
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    ids = torch.randint(0, 512, (2, 17))
+    results = {}
+    for mode in ("mkl", "onednn"):
+        monkeypatch.setattr(layers, "FP32_MATMUL", mode)
+        model.zero_grad(set_to_none=True)
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        results[mode] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    (l0, g0), (l1, g1) = results["mkl"], results["onednn"]
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert len(g0) == len(g1)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    x = torch.randn(3, 5, 8, requires_grad=True)  # with a bias, batched rows
+    lin = layers.Linear(8, 4)
+    monkeypatch.setattr(layers, "FP32_MATMUL", "onednn")
+    y = lin(x)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    torch.testing.assert_close(lin.bias.grad, torch.full((4,), 15.0))
