@@ -109,13 +109,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ns-dtype", default="float32")
     ap.add_argument("--out", default=str(ROOT / "docs" / "precision_curves"), help="writes OUT.png, OUT.json")
+    ap.add_argument("--reuse", help="a work directory of an earlier (or still running) invocation: plot and "
+                    "check its runs' metrics so far instead of training")  # fmt: skip
     ap.add_argument("extra", nargs="*", help="further `openk2 train` flags (after --)")
     args = ap.parse_args()
     cpu, flags = cpu_model_and_flags()
-    work = Path(tempfile.mkdtemp(prefix="precision-curves-"))
+    work = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="precision-curves-"))
+    print(f"runs in {work}", flush=True)
     t0 = time.perf_counter()
-    procs = {p: launch(p, work / p, args) for p in ("fp32", "bf16")}
-    failed = [p for p, proc in procs.items() if proc.wait() != 0]
+    procs = {p: None if args.reuse else launch(p, work / p, args) for p in ("fp32", "bf16")}
+    failed = [p for p, proc in procs.items() if proc is not None and proc.wait() != 0]
     cpu_s = resource.getrusage(resource.RUSAGE_CHILDREN)
     if failed:
         for p in failed:
@@ -123,6 +126,10 @@ def main() -> int:
         print(f"error: the {', '.join(failed)} run failed (logs in {work})", file=sys.stderr)
         return 1
     runs = {p: read_metrics(work / p) for p in procs}
+    done = min(sum(m["kind"] == "train" for m in ms) for ms in runs.values())
+    for p, ms in runs.items():  # a reused, unfinished pair: compare the steps both have done
+        train = [m for m in ms if m["kind"] == "train"][:done]
+        runs[p] = train + [m for m in ms if m["kind"] == "eval" and m["step"] <= done]
     report = compare(runs)
     report["command"] = "python benchmarks/precision_curves.py " + " ".join(sys.argv[1:])
     report["train_command"] = (
@@ -131,7 +138,8 @@ def main() -> int:
     report["cpu"] = cpu
     report["cpu_bf16_flags"] = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
     report["threads_per_run"] = args.threads
-    report["cpu_seconds_both_runs"] = cpu_s.ru_utime + cpu_s.ru_stime
+    report["steps_compared"] = done
+    report["cpu_seconds_both_runs"] = None if args.reuse else cpu_s.ru_utime + cpu_s.ru_stime
     report["wall_seconds"] = time.perf_counter() - t0
     for p, ms in runs.items():
         train = [m for m in ms if m["kind"] == "train"]
@@ -146,7 +154,7 @@ def main() -> int:
         runs,
         report,
         out.with_suffix(".png"),
-        f"openk2 train (small, {args.steps} steps): bf16 autocast vs fp32",
+        f"openk2 train (small, {done} of {args.steps} steps): bf16 autocast vs fp32",
     )
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     print(
@@ -160,9 +168,10 @@ def main() -> int:
     print(f"final eval gap {gap:+.4f} nats ({rel:.2f}%, tolerance {100 * EVAL_TOLERANCE:.0f}%); max smoothed "
           f"train gap {train_gap:.2f}% (tolerance {100 * TRAIN_TOLERANCE:.0f}%)")  # fmt: skip
     verdict = "within" if report["within_tolerance"] else "OUTSIDE"
-    print(f"{verdict} tolerance; wrote {out.with_suffix('.png')} and .json (CPU seconds, both runs: "
-          f"{report['cpu_seconds_both_runs']:.0f})")  # fmt: skip
-    shutil.rmtree(work, ignore_errors=True)
+    print(f"{verdict} tolerance over {done} steps; wrote {out.with_suffix('.png')} and .json (CPU seconds, "
+          f"both runs: {report['cpu_seconds_both_runs']})")  # fmt: skip
+    if not args.reuse:
+        shutil.rmtree(work, ignore_errors=True)
     return 0 if report["within_tolerance"] else 1
 
 
