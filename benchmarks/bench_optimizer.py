@@ -1,9 +1,14 @@
 """Optimizer step overhead: MuonClip (Newton-Schulz on every matrix + QK-Clip) vs torch's AdamW on
 the same model and the same gradients. Prints a table with the ratio to AdamW, and for the Muon rows
 the Newton-Schulz GFLOP/s as a fraction of this machine's matmul peak in the NS precision (measured by
-`benchmarks/peak.py` in the same run).
+`benchmarks/peak.py` in the same run); then the optimizer step as a fraction of a training step of
+`--step-tokens` tokens (16k: micro-batches of 8 x 256, `--precision auto` as `openk2 train`), and the
+same ratio in FLOPs at Kimi K2's real shapes and batch (the `kimi-k2` preset, `openk2 plan`'s 67M
+tokens of 4096 per step): Newton-Schulz FLOPs against the step's training FLOPs.
 
-    python benchmarks/bench_optimizer.py [--preset small] [--repeats 10]
+    python benchmarks/bench_optimizer.py [--preset small] [--repeats 10] [--step-tokens 16384]
+
+At one torch thread times are CPU seconds (`peak.clock`), so a loaded machine gives the core's figure.
 """
 
 from __future__ import annotations
@@ -24,16 +29,64 @@ from openk2.optim.muon import resolve_ns_dtype  # noqa: E402
 
 
 def time_steps(opt, model, repeats: int, before=None) -> float:
-    sync = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    from peak import clock
+
+    cuda = next(model.parameters()).is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    now = time.perf_counter if cuda else clock()
     for i in range(repeats + 2):  # two warm-up steps build the optimizer state
         if i == 2:
             sync()
-            t = time.perf_counter()
+            t = now()
         if before is not None:
             before()
         opt.step()
     sync()
-    return (time.perf_counter() - t) / repeats
+    return (now() - t) / repeats
+
+
+def training_step_seconds(model, tokens: int, device: str, micro: tuple[int, int] = (8, 256)) -> float:
+    """Forward + backward of `tokens` tokens as `openk2 train` runs them (micro-batches of `micro`,
+    gradients accumulated, `--precision auto`), timed once after a warm-up micro-batch."""
+    import torch.nn.functional as F
+    from peak import clock
+
+    from openk2.distributed.device import autocast_context
+
+    batch, seq = micro
+    n = max(1, tokens // (batch * seq))
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq + 1), device=device)
+    model.train()
+    model.record_stats(True)
+
+    def micro_step():
+        with autocast_context(torch.device(device), "auto"):
+            logits = model(ids[:, :-1])
+        (F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()) / n).backward()
+
+    micro_step()
+    now = clock() if device == "cpu" else time.perf_counter
+    t = now()
+    for _ in range(n):
+        micro_step()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return now() - t
+
+
+def k2_ratio() -> dict:
+    """Kimi K2 at its real shapes and batch: Newton-Schulz FLOPs per step (every Muon matrix once,
+    as ZeRO-1 Muon runs each on one rank) over the step's training FLOPs (67M tokens of 4096)."""
+    from openk2.distributed.plan import Layout
+    from openk2.model.size import flops_per_token
+
+    cfg = ModelConfig.from_preset("kimi-k2")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    lay = Layout()
+    ns = newton_schulz_flops(model)
+    train = flops_per_token(cfg, context=lay.seq_len // 2)["train"] * lay.global_batch_tokens
+    return {"ns_flops": ns, "train_flops": train, "tokens": lay.global_batch_tokens, "ratio": ns / train}
 
 
 def newton_schulz_flops(model, steps: int = 5) -> float:
@@ -54,7 +107,11 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--step-tokens", type=int, default=16384, help="training step to compare with")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_preset(args.preset)).to(args.device)
     for prm in model.parameters():
@@ -97,6 +154,15 @@ def main() -> None:
             dtype = "bf16" if "bf16" in name or ("auto" in name and auto == torch.bfloat16) else "fp32"
             ratio = f"{ns_flops / t / 1e9:>11.1f} {100 * ns_flops / t / 1e9 / peaks[dtype + ' peak']:>7.1f}%"
         print(f"{name:<46} {t * 1e3:>10.1f} {t / base:>9.2f}x {ratio}")
+    step = training_step_seconds(model, args.step_tokens, args.device)
+    muonclip = rows[-1][1]
+    print(f"training step (fwd+bwd, --precision auto) of {args.step_tokens:,} tokens: {step:.2f} s; "
+          f"MuonClip step {muonclip:.3f} s = {100 * muonclip / (step + muonclip):.1f}% of the whole step "
+          f"(optimizer + fwd/bwd), {100 * muonclip / step:.1f}% of fwd/bwd")  # fmt: skip
+    k2 = k2_ratio()
+    print(f"Kimi K2 (kimi-k2 preset, {k2['tokens'] / 1e6:.0f}M tokens per step): Newton-Schulz "
+          f"{k2['ns_flops'] / 1e15:.1f} PFLOP vs training {k2['train_flops'] / 1e18:.2f} EFLOP per step = "
+          f"{100 * k2['ratio']:.3f}% of the step's FLOPs")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -284,7 +284,7 @@ def environment_report() -> list[tuple[str, str]]:
             return "not installed"
 
     from openk2 import __version__
-    from openk2.distributed.device import cpu_model_and_flags
+    from openk2.distributed.device import cpu_model_and_flags, resolve_precision
 
     cpu, flags = cpu_model_and_flags()
     features = {
@@ -317,6 +317,8 @@ def environment_report() -> list[tuple[str, str]]:
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         ns = resolve_ns_dtype("auto", torch.device(device))
         rows.append((f"Newton-Schulz auto on {device}", str(ns).removeprefix("torch.")))
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        rows.append((f"train --precision auto on {device}", resolve_precision(torch.device(device), "auto")))
     rows.append(("train --device auto", "cuda" if torch.cuda.is_available() else "cpu"))
     return rows
 

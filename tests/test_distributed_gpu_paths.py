@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from openk2 import ModelConfig, Transformer
+from openk2.distributed import device
 from openk2.distributed.device import autocast_context
 from openk2.distributed.mesh import Mesh, ParallelConfig
 from openk2.model import moe
@@ -57,8 +58,9 @@ def test_grouped_is_chosen_only_for_cuda_bf16(monkeypatch):
     assert moe.use_grouped_mm(torch.zeros(3, 4), w)
 
 
-def test_autocast_rule_and_offload_context_on_cpu():
+def test_autocast_rule_and_offload_context_on_cpu(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(device, "_this_cpu_has_bf16", lambda: False)  # an AVX2 CPU: auto is fp32
     assert isinstance(autocast_context(cpu, "auto"), nullcontext)
     assert isinstance(autocast_context(cpu, "fp32"), nullcontext)
     with autocast_context(cpu, "bf16"):

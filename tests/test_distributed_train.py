@@ -2,7 +2,8 @@
 
 Each test launches `torchrun --standalone --nproc-per-node 2 -m openk2.cli train ...` (two real gloo
 processes) on the tiny preset and compares its metrics.jsonl with a single-process run of the same
-seed and global batch. Newton-Schulz runs in float32 (`--ns-dtype float32`): with K2's bf16, a
+seed and global batch. Newton-Schulz and the step run in float32 (`--ns-dtype float32`,
+`--precision fp32`, as `auto` would pick bf16 on a bf16-capable CPU): with K2's bf16, a
 summation-order difference of one ulp in a gradient can flip a bf16 rounding and the runs drift apart
 by ~1e-4 within a few steps, which says nothing about the distributed code. QK-Clip's tau is set
 to 0.08, below the tiny model's max logits (~0.07-0.1), so heads are clipped in some steps. Tolerances:
@@ -32,7 +33,7 @@ RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
 COMMON = dict(preset="tiny", steps=4, batch_size=4, seq_len=32, lr=0.01, warmup_steps=2, eval_every=2,
               eval_batches=1, save_every=2, keep_checkpoints=10, threads=1, ns_dtype="float32",
-              qk_clip_tau=0.08)  # fmt: skip
+              precision="fp32", qk_clip_tau=0.08)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from openk2 import ModelConfig, Transformer
 from openk2.optim import MuonClip, muon_update, newton_schulz, split_parameters
-from openk2.optim.muon import muon_scale, resolve_ns_dtype
+from openk2.optim.muon import muon_scale, muon_updates, newton_schulz_by_shape, resolve_ns_dtype
 
 
 def tiny_model(seed: int = 0) -> Transformer:
@@ -201,3 +201,31 @@ def test_newton_schulz_precision_follows_the_hardware():
     assert resolve_ns_dtype(None, torch.device("cpu")) is None
     model = Transformer(ModelConfig.from_preset("tiny"))
     assert MuonClip(model).ns_dtype == resolve_ns_dtype("auto", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_newton_schulz_by_shape_equals_one_matrix_at_a_time(dtype):
+    """Stacking same-shaped matrices (and stacks) into one batched call gives each matrix's own
+    result: mixed shapes, a tall one, an (E, out, in) stack, in the input order."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 32), (8, 24, 16), (32, 16), (16, 32), (24, 16), (3, 16, 32)]
+    mats = [torch.randn(s, generator=g) for s in shapes]
+    batched = newton_schulz_by_shape(mats, dtype=dtype)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=2e-2)
+    for m, b in zip(mats, batched):
+        assert b.shape == m.shape and b.dtype == m.dtype
+        torch.testing.assert_close(b, newton_schulz(m, dtype=dtype), **tol)
+        if m.ndim == 3:  # a stack is its matrices one by one
+            for i in range(m.shape[0]):
+                torch.testing.assert_close(b[i], newton_schulz(m[i], dtype=dtype), **tol)
+
+
+def test_muon_updates_equal_per_matrix_muon_update():
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(s, generator=g) for s in [(16, 32), (4, 16, 32), (32, 16), (16, 32)]]
+    bufs = [torch.randn_like(x) for x in grads]
+    bufs_one = [b.clone() for b in bufs]
+    many = muon_updates(grads, bufs, beta=0.9, ns_dtype=torch.float32)
+    for x, m, b, b1 in zip(grads, many, bufs, bufs_one):
+        torch.testing.assert_close(m, muon_update(x, b1, beta=0.9, ns_dtype=torch.float32), rtol=0, atol=1e-5)
+        torch.testing.assert_close(b, b1)  # the same momentum update, in place

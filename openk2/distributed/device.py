@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import platform
 from contextlib import nullcontext
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -71,14 +72,47 @@ def cpu_model_and_flags() -> tuple[str, set[str]]:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+# CPU feature flags (/proc/cpuinfo) of units that multiply bf16 natively; without them torch emulates
+# bf16 matmuls in fp32 arithmetic plus conversions, which is slower than plain fp32
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bf16(flags: set[str] | None = None) -> bool:
+    """Whether the CPU (with these feature flags; default: this machine's) has bf16 matmul units."""
+    if flags is None:
+        return _this_cpu_has_bf16()
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
+@cache
+def _this_cpu_has_bf16() -> bool:  # read /proc/cpuinfo once, not at every forward
+    return cpu_has_bf16(cpu_model_and_flags()[1])
+
+
+def resolve_precision(device: torch.device, precision: str = "auto", flags: set[str] | None = None) -> str:
+    """The precision a trainer computes in on `device`: "bf16" (bf16 autocast) or "fp32". `auto` is
+    bf16 where the hardware multiplies bf16 natively -- a CUDA GPU, or a CPU with AVX512-BF16 or AMX
+    (`cpu_has_bf16`; `flags` overrides this machine's, for tests) -- as K2 trains, and fp32 elsewhere
+    (an AVX2-only CPU, MPS). An explicit `bf16` or `fp32` is taken as given; `bf16_emulated` says
+    whether the choice will run slowly. The one rule every trainer and `openk2 env` use."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16(flags)):
+        return "bf16"
+    return "fp32"
+
+
+def bf16_emulated(device: torch.device, precision: str, flags: set[str] | None = None) -> bool:
+    """True when `precision` resolves to bf16 on a CPU without bf16 units (emulated: slower than fp32)."""
+    resolved = resolve_precision(device, precision, flags)
+    return resolved == "bf16" and device.type == "cpu" and not cpu_has_bf16(flags)
 
 
 def autocast_context(device: torch.device, precision: str = "auto"):
     """The context a training or evaluation forward runs in: bf16 autocast (fp32 weights and
-    optimizer, bf16 matmuls) for `bf16`, and for `auto` on CUDA; nothing for `fp32`, or `auto` on
-    other devices (CPU bf16 matmuls are slower than fp32 on most CPUs). One rule for every trainer."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    optimizer, bf16 matmuls) when `resolve_precision` says bf16, nothing for fp32."""
+    if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()

@@ -22,7 +22,7 @@ root of one all-reduced sum of squares), `clip_grads_(coef)` scales the shards, 
 from them. A trainer can thus check the norm for NaN/inf before the weights are touched.
 
 The arithmetic is MuonClip's (`openk2.optim.muon`): the same pure `momentum_direction`,
-`newton_schulz` and `muon_scale`, the same AdamW formula, so a run matches the single-process
+`newton_schulz_by_shape` and `muon_scale`, the same AdamW formula, so a run matches the single-process
 optimizer up to floating-point summation order.
 """
 
@@ -37,7 +37,7 @@ from openk2.optim.muon import (
     ADAMW_MATRICES,
     momentum_direction,
     muon_scale,
-    newton_schulz,
+    newton_schulz_by_shape,
     resolve_ns_dtype,
 )
 from openk2.optim.qk_clip import qk_clip_
@@ -190,13 +190,14 @@ class DistributedMuon(torch.optim.Optimizer):
             dist.gather(d, gathered, group_dst=slot.owner, group=slot.group)
             if gathered is not None:
                 full[id(p)] = torch.cat(gathered)
-        updates = {}
-        for p in group["params"]:  # 2. Newton-Schulz on the matrices this rank owns
-            if id(p) in full:
-                slot = self.slots[id(p)]
-                m = full[id(p)][: p.numel()].view_as(p)
-                o = newton_schulz(m, group["ns_steps"], dtype=self.ns_dtype) * muon_scale(p.shape)
-                updates[id(p)] = slot.padded(o.to(p.dtype))
+        # 2. Newton-Schulz on the matrices this rank owns, same-shaped ones batched into one call
+        owned = [p for p in group["params"] if id(p) in full]
+        matrices = [full[id(p)][: p.numel()].view_as(p) for p in owned]
+        ortho = newton_schulz_by_shape(matrices, group["ns_steps"], dtype=self.ns_dtype)
+        updates = {
+            id(p): self.slots[id(p)].padded((o * muon_scale(p.shape)).to(p.dtype))
+            for p, o in zip(owned, ortho)
+        }
         for p in group["params"]:  # 3. scatter the update shards; update the weight shard
             slot = self.slots[id(p)]
             if slot.n == 1:

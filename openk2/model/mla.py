@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.config import ModelConfig
-from openk2.model.layers import RMSNorm, linear, softmax
+from openk2.model.layers import Linear, RMSNorm, linear, softmax
 from openk2.model.rope import apply_rotary
 
 FOLD_MAX_GROWTH = 2.0  # fold W_uk / W_uv only if the folded matrices are at most this much larger
@@ -43,15 +43,15 @@ class MLA(nn.Module):
         self.softmax_scale = config.softmax_scale
         dim, bias = config.hidden_size, config.attention_bias
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(dim, self.n_heads * self.qk_dim, bias=False)
+            self.q_proj = Linear(dim, self.n_heads * self.qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(dim, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(dim, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(dim, self.kv_lora_rank + self.rope_dim, bias=bias)
+            self.q_b_proj = Linear(self.q_lora_rank, self.n_heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(dim, self.kv_lora_rank + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, dim, bias=bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(self.n_heads * self.v_dim, dim, bias=bias)
         # QK-Clip statistics: the largest pre-softmax logit of each head in the last forward.
         self.record_max_logits = False
         self.max_logits: torch.Tensor | None = None

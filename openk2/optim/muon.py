@@ -17,8 +17,9 @@ matrices: Newton-Schulz runs batched over the leading dim, and further batches e
 same shape into one call. Norm weights, biases, embeddings and the head get AdamW (no weight decay on
 1-D parameters). The router's `e_score_correction_bias` is a buffer, moved by `optim.balance`.
 
-`newton_schulz` and `muon_update` are pure functions so that distributed Muon (ZeRO-1) can run them
-on gathered full matrices.
+`newton_schulz`, `newton_schulz_by_shape`, `muon_update` and `muon_updates` are pure functions so
+that distributed Muon (ZeRO-1) can run them on gathered full matrices; the optimizer class is a
+thin layer of state and parameter groups around them.
 """
 
 from __future__ import annotations
@@ -64,11 +65,14 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: tor
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT
+    batch = X.shape[:-2]
+    X = X.reshape(-1, *X.shape[-2:])  # one (batch, m, n) chain of bmm's, batch 1 for a plain matrix
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
-        A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A in one call
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
+    X = X.reshape(*batch, *X.shape[-2:])
     if tall:
         X = X.mT
     return X.to(G.dtype)
@@ -97,6 +101,43 @@ def muon_update(
     place. The caller applies W -= lr * (update + wd * W)."""
     direction = momentum_direction(grad, momentum_buffer, beta, nesterov)
     return newton_schulz(direction, ns_steps, dtype=ns_dtype) * muon_scale(grad.shape)
+
+
+def newton_schulz_by_shape(
+    matrices: list[torch.Tensor], steps: int = 5, dtype: torch.dtype | None = None
+) -> list[torch.Tensor]:
+    """`newton_schulz` of every tensor in `matrices` (each a matrix or a stack of matrices), with all
+    matrices of one shape, dtype and device stacked into one batched call: one bmm chain per shape
+    instead of one per matrix, so a model's many small matrices make a few large matmuls. Returns
+    the results in the input order, each of its input's shape; equal to calling `newton_schulz` on
+    each (tested). Pure: the inputs are not modified."""
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, m in enumerate(matrices):
+        buckets[(tuple(m.shape[-2:]), m.dtype, m.device)].append(i)
+    out: list[torch.Tensor | None] = [None] * len(matrices)
+    for (shape, _, _), members in buckets.items():
+        flat = [matrices[i].reshape(-1, *shape) for i in members]
+        stacked = flat[0] if len(flat) == 1 else torch.cat(flat)
+        ortho = newton_schulz(stacked, steps, dtype=dtype)
+        for i, o in zip(members, ortho.split([f.shape[0] for f in flat])):
+            out[i] = o.view(matrices[i].shape)
+    return out  # type: ignore[return-value]
+
+
+def muon_updates(
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    beta: float = 0.95,
+    nesterov: bool = True,
+    ns_steps: int = 5,
+    ns_dtype: torch.dtype | None = None,
+) -> list[torch.Tensor]:
+    """`muon_update` of many matrices at once, Newton-Schulz batched by shape
+    (`newton_schulz_by_shape`); every momentum buffer is updated in place. What MuonClip's step
+    runs; the caller applies W -= lr * (update + wd * W)."""
+    directions = [momentum_direction(g, m, beta, nesterov) for g, m in zip(grads, momentum_buffers)]
+    ortho = newton_schulz_by_shape(directions, ns_steps, ns_dtype)
+    return [o * muon_scale(g.shape) for o, g in zip(ortho, grads)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -203,26 +244,21 @@ class MuonClip(torch.optim.Optimizer):
         return qk_clip_(self.model, self.qk_clip_tau, max_logits, per_layer=self.last_clipped)
 
     def _muon_group(self, group: dict) -> None:
-        lr, wd, beta = group["lr"], group["weight_decay"], group["momentum"]
-        # Batch every matrix of one shape into one Newton-Schulz call: a layer's stacked experts are
-        # already one (E, out, in) tensor; same-shaped matrices of different layers join them.
-        buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        lr, wd = group["lr"], group["weight_decay"]
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("MuonClip does not support sparse gradients")
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            d = momentum_direction(p.grad, state["momentum_buffer"], beta, group["nesterov"])
-            buckets[(tuple(p.shape[-2:]), p.dtype, p.device)].append((p, d))
-        for (shape, _, _), items in buckets.items():
-            flat = torch.cat([d.reshape(-1, *shape) for _, d in items])
-            ortho = newton_schulz(flat, group["ns_steps"], dtype=self.ns_dtype) * muon_scale(shape)
-            for (p, _), o in zip(items, ortho.split([d.numel() // (shape[0] * shape[1]) for _, d in items])):
-                p.mul_(1 - lr * wd)
-                p.add_(o.view_as(p), alpha=-lr)
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        # every matrix of one shape in one Newton-Schulz call: a layer's stacked experts are already
+        # one (E, out, in) tensor; same-shaped matrices of different layers join them
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        updates = muon_updates([p.grad for p in params], buffers, group["momentum"], group["nesterov"],
+                               group["ns_steps"], self.ns_dtype)  # fmt: skip
+        for p, u in zip(params, updates):
+            p.mul_(1 - lr * wd)
+            p.add_(u, alpha=-lr)
 
     def _adamw_group(self, group: dict) -> None:
         lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]

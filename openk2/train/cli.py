@@ -31,7 +31,9 @@ HELP = {
     "seq_len": "tokens per sequence",
     "grad_accum": "micro-batches per optimizer step",
     "lr": "peak learning rate (shared by the Muon and AdamW parts)",
-    "precision": "auto: bf16 autocast on CUDA, fp32 elsewhere; bf16: bf16 autocast on any device; fp32",
+    "precision": "auto: bf16 autocast where the hardware has bf16 units (CUDA, a CPU with AVX512-BF16 "
+    "or AMX), "
+    "fp32 elsewhere; bf16: bf16 autocast on any device (a warning where it is emulated); fp32",
     "ns_dtype": "Newton-Schulz precision (auto: bfloat16 as K2 with bf16 hardware, else float32)",
     "qk_clip_tau": "QK-Clip threshold on the max attention logit",
     "bias_update_rate": "aux-loss-free routing-bias step per optimizer step",

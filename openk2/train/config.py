@@ -74,7 +74,7 @@ class OptimizerOptions:
     qk_clip_tau: float = 100.0
     grad_clip: float = 1.0
     ns_dtype: str = "auto"
-    precision: str = "auto"  # bf16: bf16 autocast; fp32; auto: bf16 on CUDA (distributed.device)
+    precision: str = "auto"  # bf16 autocast or fp32; auto: bf16 with bf16 hardware (device.resolve_precision)
     bias_update_rate: float = 1e-3
     aux_loss_alpha: float | None = None  # None: the model config's
     schedule: str = "wsd"

@@ -5,10 +5,10 @@ Pieces, each usable on its own:
 * `causal_lm_loss(logits, targets, mask)`: mean next-token cross-entropy over the counted positions.
 * `build_optimizer(model, cfg)`: MuonClip, plain Muon (no clip) or AdamW with the same decay split.
 * `Trainer.train_step(micro_batches)`: one optimizer step over gradient-accumulated micro-batches:
-  forward (bf16 autocast on GPU), loss (+ the sequence-wise aux loss), backward, gradient clipping,
-  a finite-loss check *before* the update (a NaN never reaches the weights), the MuonClip step with
-  QK-Clip from the max logits of all the step's micro-batches, then the routing-bias update from the
-  step's expert counts.
+  forward (bf16 autocast where the hardware has bf16 units, see `--precision`), loss (+ the
+  sequence-wise aux loss), backward, gradient clipping, a finite-loss check *before* the update (a
+  NaN never reaches the weights), the MuonClip step with QK-Clip from the max logits of all the
+  step's micro-batches, then the routing-bias update from the step's expert counts.
 * `Trainer.evaluate(batches)`, `Trainer.state_dict()` / `load_state_dict()` for checkpoints.
 * `StepTrainer`: what `Trainer` shares with the torchrun `DistributedTrainer` (aux-loss override,
   counters, the schedule's learning rate).
@@ -360,21 +360,43 @@ def startup_summary(
     with torch.device("meta"):
         counted = Transformer(model_cfg)
     total, active = counted.num_parameters(), counted.num_parameters(activated=True)
+    from openk2.distributed.device import bf16_emulated, resolve_precision
+
+    device = pick_device(cfg.device)
     ns = "n/a (AdamW)"
     if cfg.optimizer != "adamw":
-        ns = str(resolve_ns_dtype(cfg.ns_dtype, pick_device(cfg.device))).removeprefix("torch.")
+        ns = str(resolve_ns_dtype(cfg.ns_dtype, device)).removeprefix("torch.")
+    precision = resolve_precision(device, cfg.precision)
+    if precision == "bf16":
+        precision += " autocast" + (
+            " (emulated: this CPU has no bf16 units)" if bf16_emulated(device, "bf16") else ""
+        )
+    precision += f" (--precision {cfg.precision})"
     step_tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     epochs = cfg.steps * step_tokens / max(facts["train_tokens"], 1)
     start = f"resuming at step {resumed_step}" if resumed_step is not None else f"new run {run.run_id}"
     return "\n".join([
         f"model {cfg.model_name} ({model_cfg.model_type}): {total / 1e6:,.2f}M parameters, "
         f"{active / 1e6:,.2f}M activated per token",
-        f"device {where}, {torch.get_num_threads()} threads; optimizer {cfg.optimizer}, lr {cfg.lr:g}, "
-        f"Newton-Schulz in {ns}",
+        f"device {where}, {torch.get_num_threads()} threads, precision {precision}; optimizer "
+        f"{cfg.optimizer}, lr {cfg.lr:g}, Newton-Schulz in {ns}",
         f"corpus {cfg.corpus}: {facts['train_tokens']:,} training + {facts['val_tokens']:,} held-out tokens; "
         f"{cfg.steps} steps x {step_tokens:,} tokens = {epochs:.2f} epochs",
         f"output {run.dir} ({start}); ETA after the first step",
     ])  # fmt: skip
+
+
+def warn_emulated_bf16(cfg: TrainConfig) -> None:
+    """One warning line when `--precision bf16` was asked for on a CPU without bf16 units: it runs
+    (bf16 is emulated, numerically the same) but slower than fp32, so it is allowed, not refused."""
+    from openk2.distributed.device import bf16_emulated
+
+    if bf16_emulated(pick_device(cfg.device), cfg.precision):
+        print(
+            "warning: --precision bf16 on a CPU without bf16 units (no avx512_bf16 or amx_bf16): bf16 "
+            "matmuls are emulated and slower than fp32; --precision auto picks fp32 here",
+            file=sys.stderr,
+        )
 
 
 def pretrain(cfg: TrainConfig, resume: bool = True, overwrite: bool = False) -> dict:
@@ -428,6 +450,7 @@ def drive_pretraining(cfg, model_cfg, run: Run, state, trainer, tokenizer, loade
         set_rng_state(state["rng"])
     if run.is_main:
         resumed = state["step"] if state is not None else None
+        warn_emulated_bf16(cfg)
         print(startup_summary(cfg, model_cfg, facts, run, resumed, where), flush=True)
     if state is None:
         extra = {"layout": layout} if layout else {}
