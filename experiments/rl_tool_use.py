@@ -47,7 +47,7 @@ from openk2.tokenizer import K2Tokenizer
 from openk2.tokenizer.chat import encode_chat
 
 ENV = "lookup"
-ENV_KWARGS = {"table_size": 4, "key_len": 3, "value_digits": 3, "max_turns": 3}
+ENV_KWARGS = {"table_size": 4, "key_len": 2, "value_digits": 3, "max_turns": 3}
 # per assistant turn (a call is ~38 byte tokens), turns per episode, tokens per appended tool reply
 SPEC = {"max_tokens": 48, "max_turns": 3, "tool_tokens": 96}
 NS_DTYPE = "float32"  # pinned: the result must not depend on whether the CPU has bf16 units
@@ -87,8 +87,9 @@ def demonstration(task) -> list[dict]:
     ]
 
 
-def sft(model: Transformer, tokenizer, demos: int, steps: int, batch: int, lr: float, log) -> None:
-    """Warm-up on `demos` demonstration episodes (train split), loss on the assistant turns only."""
+def sft(model: Transformer, tokenizer, demos: int, steps: int, batch: int, lr: float, log) -> list[dict]:
+    """Warm-up on `demos` demonstration episodes (train split), loss on the assistant turns only.
+    Returns the curve: loss, and greedy held-out success on 50 tasks every 50 steps."""
     env = make_env(ENV, **ENV_KWARGS)
     rows = []
     for task in env.sample_tasks(demos, seed=0):
@@ -97,14 +98,19 @@ def sft(model: Transformer, tokenizer, demos: int, steps: int, batch: int, lr: f
     opt = MuonClip(model, lr=lr, adamw_lr=lr / 3, weight_decay=0.0, ns_dtype=NS_DTYPE)
     rng = random.Random(0)
     model.train()
+    curve = []
     for step in range(1, steps + 1):
         ids, mask = lm_batch(rng.sample(rows, min(batch, len(rows))))
         loss = masked_lm_loss(model(ids), ids, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 25 == 0 or step == steps:
-            log(f"sft step {step}/{steps} loss {loss.item():.3f}")
+        if step % 50 == 0 or step == steps:
+            success = held_out(model, tokenizer, 50, [])["greedy"]
+            model.train()
+            curve.append({"step": step, "loss": loss.item(), "greedy_50": success})
+            log(f"sft step {step}/{steps} loss {loss.item():.3f} held-out greedy (50 tasks) {success:.2f}")
+    return curve
 
 
 def held_out(model: Transformer, tokenizer, n_tasks: int, eval_seeds: list[int]) -> dict:
@@ -124,8 +130,16 @@ def held_out(model: Transformer, tokenizer, n_tasks: int, eval_seeds: list[int])
         "greedy_tool_calls": greedy["tool_calls"],
         "greedy_truncation": greedy["truncation"],
         "sampled": sampled,
-        "sampled_mean": statistics.fmean(sampled),
+        "sampled_mean": statistics.fmean(sampled) if sampled else None,
     }
+
+
+def _children_cpu() -> float:
+    """CPU seconds of finished child processes (the --jobs workers)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _std(xs: list[float]) -> float:
@@ -150,27 +164,67 @@ def cpu_info() -> dict:
     return {"cpu": name, "avx512_bf16": "avx512_bf16" in flags, "cores_visible": os.cpu_count()}
 
 
+def rl_run(job: tuple) -> dict:
+    """One RL run from the SFT weights (a process of its own with --jobs > 1): train, then held-out."""
+    seed, a, sft_path, eval_seeds, t_start = job
+    args = argparse.Namespace(**a)
+    torch.set_num_threads(args.threads if args.jobs == 1 else 1)
+    out = Path(args.out)
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:6.0f}s] rl{seed} {msg}", flush=True)
+
+    tokenizer = K2Tokenizer.byte_level()
+    policy = Transformer(model_config())
+    policy.load_state_dict(torch.load(sft_path, weights_only=True))
+    config = RLConfig(
+        envs=[EnvSpec(ENV, ENV_KWARGS, **SPEC)],
+        steps=args.rl_steps,
+        prompts_per_step=args.prompts,
+        samples_per_prompt=args.k,
+        tau=0.1,
+        lr=args.lr,
+        adamw_lr=args.lr / 3,
+        ns_dtype=NS_DTYPE,
+        temperature_start=1.0,
+        temperature_end=0.7,
+        eval_every=max(1, args.rl_steps // 4),
+        eval_tasks=min(args.eval_tasks, 50),
+        engine_batch=64,
+        seed=1000 + seed,
+        out_dir=str(out / f"rl_seed{seed}"),
+    )
+    trainer = RLTrainer(config, model=policy, tokenizer=tokenizer, log_fn=log)
+    history = trainer.train(resume=False, overwrite=True)  # a fresh run; an old one is moved aside
+    final = held_out(policy, tokenizer, args.eval_tasks, eval_seeds)
+    log(f"final held-out: greedy {final['greedy']:.3f}, sampled {final['sampled']}")
+    return {"seed": seed, "final": final, "history": history}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/rl_tool_use")
     ap.add_argument("--docs", action="store_true", help="write to docs/rl_tool_use (the documented run)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, seconds")
     ap.add_argument("--demos", type=int, default=400, help="SFT demonstration episodes")
-    ap.add_argument("--sft-steps", type=int, default=150)
+    ap.add_argument("--sft-steps", type=int, default=250)
+    ap.add_argument("--sft-batch", type=int, default=16)
     ap.add_argument("--sft-lr", type=float, default=0.01)
-    ap.add_argument("--rl-steps", type=int, default=40)
+    ap.add_argument("--rl-steps", type=int, default=25)
     ap.add_argument("--seeds", type=int, default=3, help="independent RL runs from the SFT checkpoint")
     ap.add_argument("--eval-tasks", type=int, default=200)
     ap.add_argument("--eval-seeds", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
     ap.add_argument("--k", type=int, default=8, help="samples (episodes) per prompt")
     ap.add_argument("--lr", type=float, default=1e-3, help="RL learning rate (Muon; AdamW gets a third)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reuse-sft", action="store_true", help="load OUT/sft_state.pt left by a failed run")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (per process with --jobs 1)")
+    ap.add_argument("--jobs", type=int, default=3, help="RL runs in parallel processes, one thread each")
     args = ap.parse_args(argv)
     if args.docs:
         args.out = "docs/rl_tool_use"
     if args.quick:
-        args.demos, args.sft_steps, args.rl_steps, args.seeds = 16, 4, 2, 2
+        args.demos, args.sft_steps, args.rl_steps, args.seeds, args.jobs = 16, 4, 2, 2, 1
         args.eval_tasks, args.eval_seeds, args.prompts, args.k = 4, 2, 2, 2
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -184,41 +238,31 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = K2Tokenizer.byte_level()
     model = Transformer(model_config())
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, byte-level tokenizer")
-    sft(model, tokenizer, args.demos, args.sft_steps, batch=32, lr=args.sft_lr, log=log)
+    sft_path = out / "sft_state.pt"  # kept until the RL runs finished, for --reuse-sft after a failure
+    if args.reuse_sft and sft_path.is_file():
+        model.load_state_dict(torch.load(sft_path, weights_only=True))
+        sft_curve = json.loads((out / "sft_curve.json").read_text())
+        log(f"SFT weights reused from {sft_path}")
+    else:
+        sft_curve = sft(model, tokenizer, args.demos, args.sft_steps, args.sft_batch, args.sft_lr, log)
+        torch.save(model.state_dict(), sft_path)
+        (out / "sft_curve.json").write_text(json.dumps(sft_curve))
     cpu_sft = time.process_time() - cpu_start
     eval_seeds = list(range(args.eval_seeds))
     base = held_out(model, tokenizer, args.eval_tasks, eval_seeds)
     log(f"post-SFT held-out: greedy {base['greedy']:.3f}, sampled {base['sampled']}")
-    sft_state = copy.deepcopy(model.state_dict())
 
-    runs = []
-    for seed in range(args.seeds):
-        policy = Transformer(model_config())
-        policy.load_state_dict(sft_state)
-        config = RLConfig(
-            envs=[EnvSpec(ENV, ENV_KWARGS, **SPEC)],
-            steps=args.rl_steps,
-            prompts_per_step=args.prompts,
-            samples_per_prompt=args.k,
-            tau=0.1,
-            lr=args.lr,
-            adamw_lr=args.lr / 3,
-            ns_dtype=NS_DTYPE,
-            temperature_start=1.0,
-            temperature_end=0.7,
-            eval_every=max(1, args.rl_steps // 4),
-            eval_tasks=min(args.eval_tasks, 50),
-            engine_batch=64,
-            seed=1000 + seed,
-            out_dir=str(out / f"rl_seed{seed}"),
-        )
-        trainer = RLTrainer(
-            config, model=policy, tokenizer=tokenizer, log_fn=lambda m, s=seed: log(f"rl{s} {m}")
-        )
-        history = trainer.train(resume=False, overwrite=True)
-        final = held_out(policy, tokenizer, args.eval_tasks, eval_seeds)
-        log(f"rl seed {seed}: greedy {final['greedy']:.3f}, sampled {final['sampled']}")
-        runs.append({"seed": seed, "final": final, "history": history})
+    jobs = [(seed, vars(args), str(sft_path), eval_seeds, t_start) for seed in range(args.seeds)]
+    if args.jobs > 1:  # separate processes (one thread each), as a result they do not share any state
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs = list(pool.map(rl_run, jobs))
+    else:
+        runs = [rl_run(job) for job in jobs]
+    sft_path.unlink()
+    (out / "sft_curve.json").unlink()
 
     gains_g = [r["final"]["greedy"] - base["greedy"] for r in runs]
     gains_s = [r["final"]["sampled_mean"] - base["sampled_mean"] for r in runs]
@@ -232,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         "args": vars(args),
         "ns_dtype": NS_DTYPE,
         "dtype": "float32",
+        "sft_curve": sft_curve,
         "post_sft": base,
         "post_rl": [r["final"] for r in runs],
         "gain_greedy": gains_g,
@@ -244,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "time_s": {
             "wall_total": time.perf_counter() - t_start,
-            "cpu_total": time.process_time() - cpu_start,
+            "cpu_total": time.process_time() - cpu_start + _children_cpu(),
             "cpu_sft": cpu_sft,
         },
         "threads": args.threads,

@@ -41,7 +41,6 @@ LOOKUP_TOOL = {
             "type": "object",
             "properties": {"key": {"type": "string"}},
             "required": ["key"],
-            "additionalProperties": False,
         },
     },
 }
