@@ -30,6 +30,7 @@ import os
 import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -87,9 +88,11 @@ def demonstration(task) -> list[dict]:
     ]
 
 
-def sft(model: Transformer, tokenizer, demos: int, steps: int, batch: int, lr: float, log) -> list[dict]:
+def sft(
+    model: Transformer, tokenizer, demos: int, steps: int, batch: int, lr: float, log, curve_tasks: int = 50
+) -> list[dict]:
     """Warm-up on `demos` demonstration episodes (train split), loss on the assistant turns only.
-    Returns the curve: loss, and greedy held-out success on 50 tasks every 50 steps."""
+    Returns the curve: loss, and greedy held-out success on `curve_tasks` tasks every 50 steps."""
     env = make_env(ENV, **ENV_KWARGS)
     rows = []
     for task in env.sample_tasks(demos, seed=0):
@@ -106,10 +109,13 @@ def sft(model: Transformer, tokenizer, demos: int, steps: int, batch: int, lr: f
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == steps:
-            success = held_out(model, tokenizer, 50, [])["greedy"]
+            success = held_out(model, tokenizer, curve_tasks, [])["greedy"]
             model.train()
             curve.append({"step": step, "loss": loss.item(), "greedy_50": success})
-            log(f"sft step {step}/{steps} loss {loss.item():.3f} held-out greedy (50 tasks) {success:.2f}")
+            log(
+                f"sft step {step}/{steps} loss {loss.item():.3f} "
+                f"held-out greedy ({curve_tasks} tasks) {success:.2f}"
+            )
     return curve
 
 
@@ -244,7 +250,16 @@ def main(argv: list[str] | None = None) -> dict:
         sft_curve = json.loads((out / "sft_curve.json").read_text())
         log(f"SFT weights reused from {sft_path}")
     else:
-        sft_curve = sft(model, tokenizer, args.demos, args.sft_steps, args.sft_batch, args.sft_lr, log)
+        sft_curve = sft(
+            model,
+            tokenizer,
+            args.demos,
+            args.sft_steps,
+            args.sft_batch,
+            args.sft_lr,
+            log,
+            min(50, args.eval_tasks),
+        )
         torch.save(model.state_dict(), sft_path)
         (out / "sft_curve.json").write_text(json.dumps(sft_curve))
     cpu_sft = time.process_time() - cpu_start
@@ -270,9 +285,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = base["greedy"]
     results = {
         "task": {"env": ENV, **ENV_KWARGS, **SPEC, "eval_tasks": n},
-        "command": "python experiments/rl_tool_use.py"
-        + (" --docs" if args.docs else "")
-        + (" --quick" if args.quick else ""),
+        "command": " ".join(
+            ["python", "experiments/rl_tool_use.py", *(sys.argv[1:] if argv is None else argv)]
+        ),
         "args": vars(args),
         "ns_dtype": NS_DTYPE,
         "dtype": "float32",
@@ -321,7 +336,8 @@ def plot_summary(results: dict, runs: list[dict], path: Path) -> None:
             pts = [(x["step"], x[key]) for x in h if key in x]
             if pts:
                 ax.plot(*zip(*pts), alpha=0.8)
-    axes[0].set_title("held-out greedy success (50 tasks, during RL)", fontsize=10)
+    n_during = min(results["task"]["eval_tasks"], 50)
+    axes[0].set_title(f"held-out greedy success ({n_during} tasks, during RL)", fontsize=10)
     axes[0].legend(fontsize=8)
     axes[1].set_title("rollout reward", fontsize=10)
     axes[2].set_title("tool calls per episode", fontsize=10)
