@@ -475,7 +475,8 @@ def test_environment_bugs_and_short_contexts_end_episodes_without_a_crash():
     worker, _ = _worker(_shopper(task), env=Garbage(failure_rate=0.0))
     (group,) = worker.rollout([("tool_use", task)], temperature=1.0, seed=0)
     s = group.samples[0]
-    assert s.truncated and s.info["truncated"] == "the context is full" and "role" in s.info["append_error"]
+    assert s.truncated and s.info["truncated"] == "the environment's reply cannot be rendered"
+    assert "content must be a string" in s.info["append_error"]
     # single-turn: a budget longer than the engine's context is cut at the context, a prompt longer
     # than the context is cut before decoding; neither raises ContextLengthError
     arith = make_env("arithmetic", max_digits=1, ops="+")

@@ -16,12 +16,15 @@ fenced code block (```python ... ```).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import jsonschema
 
 TEST_PERCENT = 10  # share of the task space held out for the "test" split
 MAX_RESPONSE_CHARS = 100_000  # longer responses are rejected before any parsing
@@ -132,6 +135,53 @@ class Environment:
             return StepResult(0.0, True, [], {"reason": "malformed: assistant message has no text content"})
         reward, info = self.evaluate(self.task, content)
         return StepResult(reward, True, [], info)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running tool calls (multi-turn environments)
+
+
+class ToolError(Exception):
+    """A tool call that cannot run; its message goes back to the model as the call's result."""
+
+
+def check_arguments(name: str, arguments: dict, schemas: dict[str, dict]) -> None:
+    """Raise ToolError unless `name` is one of the tools in `schemas` and `arguments` match its schema."""
+    if name not in schemas:
+        raise ToolError(f"unknown tool {name!r}; available: {', '.join(schemas)}")
+    try:
+        jsonschema.validate(arguments, schemas[name])
+    except jsonschema.ValidationError as e:
+        raise ToolError(f"invalid arguments for {name}: {e.message}") from None
+
+
+def run_tool_call(call: object, index: int, dispatch: Callable[[str, dict], object]) -> dict:
+    """One OpenAI-style tool call from an assistant message -> the `tool` message answering it.
+
+    `dispatch(name, arguments)` runs the tool (raising ToolError for a call it refuses). The call comes
+    from model output, so anything may be malformed: a missing name, arguments that are not JSON or not
+    an object. Such calls, and ToolErrors, answer `{"error": ...}` rather than raising, so the model
+    sees its mistake and the episode goes on. A string result is the content as is, anything else
+    goes back as JSON."""
+    call_id = (
+        call.get("id") if isinstance(call, dict) and isinstance(call.get("id"), str) else f"call_{index}"
+    )
+    try:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ToolError("malformed tool call: needs function.name")
+        raw = fn.get("arguments", "{}")
+        try:
+            arguments = json.loads(raw) if isinstance(raw, str) else raw
+        except ValueError as e:
+            raise ToolError(f"arguments are not valid JSON: {e}") from None
+        if not isinstance(arguments, dict):
+            raise ToolError("arguments must be a JSON object")
+        result = dispatch(fn["name"], arguments)
+    except ToolError as e:
+        result = {"error": str(e)}
+    content = result if isinstance(result, str) else json.dumps(result)
+    return {"role": "tool", "tool_call_id": call_id, "content": content}
 
 
 # --------------------------------------------------------------------------------------------------

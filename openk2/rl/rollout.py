@@ -39,6 +39,8 @@ from openk2.tokenizer.chat import content_text, encode_chat, encode_continuation
 from openk2.tokenizer.toolcalls import assistant_message, parse_tool_calls
 
 CLIP_MARKER = "\n[... output truncated: {shown} of {total} tokens shown]"
+# used when even the whole text cut away leaves no room for CLIP_MARKER within a small `tool_tokens`
+SHORT_CLIP_MARKER = "\n[cut {shown}/{total}]"
 
 
 @dataclass
@@ -152,11 +154,11 @@ def parse_assistant_turn(tokenizer, ids: list[int], tools: list[dict] | None) ->
     return assistant_message(parsed), list(parsed.errors)
 
 
-def clip_text(tokenizer, text: str, keep_tokens: int) -> str:
+def clip_text(tokenizer, text: str, keep_tokens: int, marker: str = CLIP_MARKER) -> str:
     """`text` cut to its first `keep_tokens` tokens plus a visible marker saying how much was kept."""
     ids = tokenizer.encode(text)
     keep = max(0, min(keep_tokens, len(ids)))
-    return tokenizer.decode(ids[:keep]) + CLIP_MARKER.format(shown=keep, total=len(ids))
+    return tokenizer.decode(ids[:keep]) + marker.format(shown=keep, total=len(ids))
 
 
 class RolloutWorker:
@@ -400,38 +402,61 @@ class RolloutWorker:
         if ep.turns >= b.max_turns:
             self._cut(s, "the turn budget is spent")
             return
-        if not self._append(s, result.messages, b):
-            self._cut(s, "the context is full")
+        why = self._append(s, result.messages, b)
+        if why is not None:
+            self._cut(s, why)
 
-    def _append(self, s: Sample, messages: list[dict], b: Budget) -> bool:
-        """Append the environment's messages (and the next generation prompt) to the context, clipping
-        the longest message's text with a visible marker until they fit `tool_tokens` and leave room
-        for at least one sampled token. False when even fully clipped they do not fit."""
+    def _append(self, s: Sample, messages: list[dict], b: Budget) -> str | None:
+        """Append the environment's messages (and the next generation prompt) to the context, within
+        `tool_tokens` and leaving room for at least one sampled token; None when done, else why not
+        (the budget that cannot hold them, which then truncates the episode).
+
+        Too long a block is clipped: the message showing the most text is cut (always from its
+        original text, so markers never nest) to what fits, with a visible marker saying how many of
+        its tokens are shown, until the block fits. When even cut to nothing the block does not fit
+        with the full marker (a small `tool_tokens`), the short marker is tried; when it does not fit
+        with that either, the reason names the budget: `tool_tokens` if that is the tighter limit,
+        else the engine's context."""
         tok, ep = self.engine.tokenizer, s.episode
-        limit = min(b.tool_tokens, self._room(s) - 1)
+        room = self._room(s) - 1
+        limit = min(b.tool_tokens, room)
+        messages = [dict(m) for m in messages]
         try:
-            messages = [dict(m) for m in messages]
-            for _ in range(6):
+            texts = [content_text(m.get("content"), "tool output") for m in messages]
+            totals = [len(tok.encode(t)) for t in texts]
+            shown = list(totals)  # tokens of each text kept so far
+            markers: list[str | None] = [None] * len(messages)  # None: not clipped
+            while True:
                 enc = encode_continuation(tok, ep.messages, messages, ep.tools)
                 excess = len(enc.ids) - limit
                 if excess <= 0:
                     break
-                texts = [content_text(m.get("content"), "tool output") for m in messages]
-                i = max(range(len(messages)), key=lambda j: len(texts[j]))
-                n = len(tok.encode(texts[i]))
-                marker = len(tok.encode(CLIP_MARKER.format(shown=n, total=n)))
-                if n == 0:
-                    return False
-                messages[i]["content"] = clip_text(tok, texts[i], n - excess - marker - 2)
-            else:
-                return False
+                i = max(range(len(messages)), key=lambda j: shown[j])
+                if shown[i] == 0:  # every text is cut away: shorten the markers, once
+                    long = [j for j, m in enumerate(markers) if m == CLIP_MARKER]
+                    if not long:
+                        if limit < room:
+                            return (
+                                f"tool_tokens={b.tool_tokens} cannot hold the tool reply even cut to a "
+                                f"marker ({len(enc.ids)} tokens needed)"
+                            )
+                        return "the context is full"
+                    for j in long:
+                        markers[j], shown[j] = SHORT_CLIP_MARKER, totals[j]
+                        messages[j]["content"] = clip_text(tok, texts[j], shown[j], SHORT_CLIP_MARKER)
+                    continue
+                if markers[i] is None:  # first cut: make room for the marker too
+                    markers[i] = CLIP_MARKER
+                    excess += len(tok.encode(CLIP_MARKER.format(shown=shown[i], total=totals[i])))
+                shown[i] = max(0, shown[i] - excess)
+                messages[i]["content"] = clip_text(tok, texts[i], shown[i], markers[i])
         except (TypeError, ValueError) as e:  # a message the template cannot render: the environment's bug
             s.info["append_error"] = str(e)
-            return False
+            return "the environment's reply cannot be rendered"
         s.response_ids += enc.ids
         s.loss_mask += [0] * len(enc.ids)
         ep.messages += messages
-        return True
+        return None
 
     # ------------------------------------------------------------------ rewards
     def score(self, g: Group) -> None:

@@ -14,9 +14,16 @@ import json
 import random
 from dataclasses import dataclass, field
 
-import jsonschema
-
-from openk2.rl.env import Environment, Observation, StepResult, Task, register_env
+from openk2.rl.env import (
+    Environment,
+    Observation,
+    StepResult,
+    Task,
+    ToolError,
+    check_arguments,
+    register_env,
+    run_tool_call,
+)
 
 CATEGORIES = {
     "laptop": (400, 2000),
@@ -75,10 +82,6 @@ TOOLS = [
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
-class ToolError(Exception):
-    pass
-
-
 @dataclass
 class ShopWorld:
     """The world state and its tools. `failure_rate` and `seed` decide which calls fail transiently."""
@@ -92,12 +95,7 @@ class ShopWorld:
     calls: int = 0
 
     def call(self, name: str, arguments: dict) -> dict:
-        if name not in SCHEMAS:
-            raise ToolError(f"unknown tool {name!r}; available: {', '.join(SCHEMAS)}")
-        try:
-            jsonschema.validate(arguments, SCHEMAS[name])
-        except jsonschema.ValidationError as e:
-            raise ToolError(f"invalid arguments for {name}: {e.message}") from None
+        check_arguments(name, arguments, SCHEMAS)
         self.calls += 1
         if random.Random(f"{self.seed}:{self.calls}").random() < self.failure_rate:
             return {"error": "service temporarily unavailable, please retry"}
@@ -270,24 +268,7 @@ class ToolUseEnv(Environment):
         return StepResult(0.0, False, replies, {"turns": self.turns})
 
     def _run_call(self, call: object, index: int) -> dict:
-        call_id = (
-            call.get("id") if isinstance(call, dict) and isinstance(call.get("id"), str) else f"call_{index}"
-        )
-        try:
-            fn = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                raise ToolError("malformed tool call: needs function.name")
-            raw = fn.get("arguments", "{}")
-            try:
-                arguments = json.loads(raw) if isinstance(raw, str) else raw
-            except ValueError as e:
-                raise ToolError(f"arguments are not valid JSON: {e}") from None
-            if not isinstance(arguments, dict):
-                raise ToolError("arguments must be a JSON object")
-            result = self.world.call(fn["name"], arguments)
-        except ToolError as e:
-            result = {"error": str(e)}
-        return {"role": "tool", "tool_call_id": call_id, "content": json.dumps(result)}
+        return run_tool_call(call, index, self.world.call)
 
     def score(self, task: Task, text: str) -> tuple[float, dict]:
         return 0.0, {"reason": "tool_use is multi-turn: drive it with reset() and step()"}
