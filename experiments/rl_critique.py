@@ -303,6 +303,8 @@ def rl_run(seed: int, args, state: dict, heldout: dict, tasks: list[Task], out: 
         rl_config(args, seed, out), model=policy, tokenizer=tokenizer, heldout=heldout, log_fn=log
     )
     history = trainer.train(resume=False, overwrite=True)
+    if trainer.interrupted:  # the run driver saved a checkpoint on SIGINT/SIGTERM: stop here too
+        raise SystemExit(f"rl seed {seed}: {trainer.interrupted}, stopped")
     policy.eval()
     result = {
         "seed": seed,
