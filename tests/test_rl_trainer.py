@@ -20,6 +20,7 @@ from openk2.rl.trainer import RLConfig, RLTrainer, evaluate, lm_batch, load_chat
 from openk2.serve.engine import Engine
 from openk2.serve.sampling import SamplingParams
 from openk2.tokenizer import K2Tokenizer
+from openk2.train.config import ConfigError
 
 ARITH = {"name": "arithmetic", "kwargs": {"max_digits": 1, "ops": "+"}, "max_tokens": 6}
 
@@ -203,7 +204,12 @@ def test_self_critic_rewards_and_refresh():
 
 def test_critique_rewards_in_the_trainer(tmp_path):
     envs = [{"name": "sorting", "kwargs": {"max_len": 3}, "max_tokens": 6, "reward": "critique"}, ARITH]
-    trainer = RLTrainer(_config(tmp_path, envs=envs, prompts_per_step=4), model=_model(), log_fn=None)
+    # the default rubrics make a judge prompt longer than the tiny model's 256 positions: a config error
+    with pytest.raises(ConfigError, match="judge prompt needs up to .* tokens but the critic has 256"):
+        RLTrainer(_config(tmp_path, envs=envs, prompts_per_step=4), model=_model(), log_fn=None)
+    short = {"core": ["Correct."], "prescriptive": ["No praise."]}
+    config = _config(tmp_path, envs=envs, prompts_per_step=4, critique=short)
+    trainer = RLTrainer(config, model=_model(), log_fn=None)
     groups = trainer.worker.rollout(trainer.draw_tasks(), 1.0, seed=0)
     trainer.critique(groups)
     for g in groups:

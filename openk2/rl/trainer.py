@@ -114,6 +114,9 @@ class RLConfig(RunOptions):
     critic: str = "policy"  # "policy" or a checkpoint directory
     critic_weight: float = 1.0  # weight of the critic-refresh loss
     critic_lr: float = 0.002  # for a separate critic checkpoint
+    # the critic's rubrics and refresh sizes (a [critique] table: core, prescriptive, max_pairs_per_group,
+    # max_response_tokens); the judge prompt must fit the critic's positions
+    critique: CritiqueConfig = field(default_factory=CritiqueConfig)
     system_prompt: str | None = ""  # None: the chat template's default system message
     eval_tasks: int = 100  # held-out tasks per environment
     eval_temperature: float = 0.0
@@ -370,13 +373,14 @@ class RLTrainer:
         self.critic_optimizer: MuonClip | None = None
         if any(e.reward == "critique" for e in c.envs):
             if c.critic == "policy":
-                self.critic = SelfCritic(self.model, self.tokenizer, CritiqueConfig())
+                self.critic = SelfCritic(self.model, self.tokenizer, c.critique)
             else:
                 critic_model = load_model(c.critic, dtype=torch.float32)
-                self.critic = SelfCritic(critic_model, self.tokenizer, CritiqueConfig())
+                self.critic = SelfCritic(critic_model, self.tokenizer, c.critique)
                 self.critic_optimizer = MuonClip(
                     critic_model, lr=c.critic_lr, weight_decay=0.0, ns_dtype=c.ns_dtype
                 )
+            self._check_judge_fits()
         self._task_seed = 0
         self.log_fn = log_fn
         self.history: list[dict] = []
@@ -413,6 +417,22 @@ class RLTrainer:
                 "(raise max_position_embeddings in model_overrides, or use a denser tokenizer)"
             )
         return min(positions, need)
+
+    def _check_judge_fits(self) -> None:
+        """A judge prompt (rubrics, question, two responses at their budget) longer than the critic's
+        positions is a config error: the critic would judge from positions it was never trained on, and
+        stays at chance (measured: the default rubrics make a 560-token prompt for a 256-position model)."""
+        positions = self.critic.model.config.max_position_embeddings
+        for name in self.envs:
+            question = max((question_text(t.messages) for t in self.eval_sets[name]), key=len)
+            response = min(self.specs[name].max_tokens, self.config.critique.max_response_tokens)
+            need = len(self.critic.judge_prompt(question, "", "")) + 2 * response
+            if need > positions:
+                raise ConfigError(
+                    f"env {name}: a judge prompt needs up to {need} tokens but the critic has {positions} "
+                    "positions (shorten [critique] core/prescriptive rubrics or max_response_tokens, or "
+                    "use a critic with more positions)"
+                )
 
     def sync(self) -> float:
         """Trainer -> engine weights: a copy in-process, a push to a rollout server; returns seconds."""

@@ -83,3 +83,39 @@ class SortingEnv(Environment):
             return 0.0, {"reason": f"malformed: not a list of integers: {got[:60]!r}"}
         ok = [int(t) for t in tokens] == task.answer
         return float(ok), {"reason": None if ok else "wrong"}
+
+
+PRAISE = "Great question! "  # the opener the "No initial praise" rubric forbids
+
+
+@register_env("arithmetic_rubric")
+class RubricArithmeticEnv(ArithmeticEnv):
+    """Addition asked in words (`What is 12+34?`), graded against rubrics rather than by exact match.
+
+    Meant for `reward = "critique"`: the policy's reward then comes from the self-critic, never from
+    `score`. `score` is the rubric written as code, the ground truth that held-out evaluation and the
+    self-critique worked example measure the critic and the policy against: 1 for the bare correct
+    answer; 0.5 for the correct answer with anything around it (praise, filler: it breaks the
+    "No initial praise" / "Clarity" rubrics); 0 for a wrong or missing number."""
+
+    def generate(self, rng: random.Random) -> Task:
+        task = super().generate(rng)
+        m = task.metadata
+        question = f"What is {m['a']}{m['op']}{m['b']}?"
+        task.id, task.messages = f"arithmetic_rubric:{question}", [{"role": "user", "content": question}]
+        return task
+
+    def task_key(self, task: Task) -> str:
+        """The split of the `a+b=` form: a problem held out of `arithmetic` is held out here too."""
+        m = task.metadata
+        return f"{m['a']}{m['op']}{m['b']}="
+
+    def score(self, task: Task, text: str) -> tuple[float, dict]:
+        bare = text.strip()
+        if re.fullmatch(r"[-+]?\d{1,40}", bare):
+            ok = int(bare) == task.answer
+            return float(ok), {"reason": None if ok else "wrong"}
+        numbers = _INT.findall(bare)
+        if numbers and int(numbers[-1]) == task.answer:
+            return 0.5, {"reason": "correct, with text around the answer"}
+        return 0.0, {"reason": "wrong" if numbers else "malformed: no number"}
