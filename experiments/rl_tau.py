@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--taus", default="0.01,0.1,1")
     ap.add_argument("--updates", default="1,4")
     ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--eval-tasks", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
