@@ -1,8 +1,9 @@
 """Model configuration: one dataclass, presets as data, and HF `config.json` I/O.
 
 Field names follow the Hugging Face DeepseekV3 / Kimi K2 `config.json` so a config file maps onto
-`ModelConfig` one key to one field. The presets are the real values (see shared/reference/kimi-k2.md,
-section 1) plus two small models that train on a laptop CPU.
+`ModelConfig` one key to one field. The presets are the real values (Kimi-K2-Instruct's
+`config.json`; the K2 technical report, arXiv 2507.20534) plus two small models that train on a
+laptop CPU.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One client for every model caller (evaluation, data synthesis): HTTP, in-process and scripted
 backends behind one `Backend` interface, one retry policy, one resumable JSONL runner.
 
-    backend = make_backend(model="runs/k2-tiny")            # or endpoint="http://127.0.0.1:8000/v1"
+    backend = make_backend(model="runs/tiny")               # or endpoint="http://127.0.0.1:8000/v1"
     results = backend.chat_many([ChatRequest(messages)])     # errors recorded, never raised
     client = LLMClient(backend)                               # async, cached, raises LLMError
 """

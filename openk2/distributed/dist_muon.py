@@ -3,7 +3,7 @@
 Every parameter is replicated on some group of ranks (the dp x ep batch group for attention and
 dense weights, the dp group for an expert slice; see `ParallelModel.reduction_group`). Over that
 group of n ranks the parameter is viewed as one flat vector, padded to a multiple of n and cut into n
-equal shards; rank i owns shard i of the optimizer state. One step (reference section 2):
+equal shards; rank i owns shard i of the optimizer state. One step (MuonClip as in the K2 report):
 
 1. reduce-scatter the gradient: each rank gets the sum of its shard (then / dp*ep, the batch mean);
 2. momentum / AdamW moments are updated on the shard only -- they are elementwise;

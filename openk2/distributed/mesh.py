@@ -1,6 +1,6 @@
 """The device mesh: which rank does what, and the process groups that connect them.
 
-K2 trains with three kinds of parallelism at once (reference section 4), laid out as a 3-D grid
+K2 trains with three kinds of parallelism at once (K2 technical report), laid out as a 3-D grid
 
     rank = (pp_rank * dp + dp_rank) * ep + ep_rank          world = pp * dp * ep
 
