@@ -127,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
     train_loss = f"{summary['train_loss']:.4f}" if summary["train_loss"] is not None else "n/a"
     print(
         f"trained {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.0f} s "
-        f"({summary['tokens_per_s']:.0f} tokens/s); train loss {train_loss}, eval loss {eval_loss}"
+        f"({summary['tokens_per_s']:.0f} tokens/s); last step's train loss {train_loss}, "
+        f"eval loss {eval_loss}"
     )
     print(f"checkpoint: {summary['checkpoint']}\ncurves:     {summary['curves']}")
     if summary["steps"] < cfg.steps:  # --stop-at: the schedule runs on to --steps
