@@ -184,6 +184,7 @@ def test_run_dir_is_accepted_by_info_tokenizer_and_eval(run_dir, tmp_path, capsy
     assert json.loads(result.read_text())["n_items"] == 2
     samples = [json.loads(line) for line in result.with_suffix(".samples.jsonl").read_text().splitlines()]
     assert len(samples) >= 2 and all("content" in s["response"] for s in samples)
+    assert f"samples: {result.with_suffix('.samples.jsonl')}" in err  # the command says where they are
 
 
 def test_sample_streams_and_accepts_a_run_dir(ckpt, run_dir, capsys):

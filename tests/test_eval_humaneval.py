@@ -90,3 +90,18 @@ def test_endpoint_failures_count_as_failed_samples(tmp_path):
     reasons = [r["samples"][0]["reason"] for r in result["records"]]
     assert reasons[0] is None and reasons[1].startswith("backend: http_500")
     assert reasons[3].startswith("backend: malformed_json")
+
+
+def test_a_reply_without_code_is_kept_in_the_results(tmp_path):
+    """A chat reply that holds no code block fails as `no_code_block`, and the result still shows
+    what the model wrote (`reply`), so a zero score can be read."""
+    with FakeOpenAI() as fake:
+        problems = load_humaneval()[:2]
+        del fake.canonical[problems[1]["prompt"]]  # the fake model answers "Sure." to this one
+        backend = EndpointBackend(fake.url, timeout=10, max_retries=0)
+        result = _run(tmp_path, backend, limit=2)
+    good, bad = (r["samples"][0] for r in result["records"])
+    assert good["passed"] and good["reply"].startswith("Here it is:\n```python")
+    assert bad == {"passed": False, "reason": "no_code_block", "completion": None, "reply": "Sure."}
+    saved = json.loads(next(tmp_path.rglob("*.json")).read_text())
+    assert saved["records"][1]["samples"][0]["reply"] == "Sure."

@@ -71,7 +71,8 @@ def train(workspace, out_dir: Path, *extra: str) -> subprocess.CompletedProcess:
 def stopped_run(workspace) -> Path:
     """A real run of 6 steps stopped after step 4: checkpoints step-2 and step-4."""
     run = workspace["root"] / "stopped"
-    train(workspace, run, "--stop-at", "4")
+    r = train(workspace, run, "--stop-at", "4")
+    assert "stopped at step 4/6 (--stop-at)" in r.stdout  # and so not "trained" as if finished
     assert [p.name for p in list_checkpoints(run)] == ["step-0000002", "step-0000004"]
     return run
 

@@ -268,4 +268,7 @@ def _report(result: dict, store: ResultStore) -> int:
     store.json_path.with_suffix(".md").write_text(table + "\n")
     print(table)
     print(f"\nresults: {store.json_path}", file=sys.stderr)
+    samples = store.json_path.with_suffix(".samples.jsonl")  # written by --log-samples
+    if samples.is_file():
+        print(f"samples: {samples}", file=sys.stderr)
     return 0

@@ -57,11 +57,14 @@ def chat_messages(problem: dict) -> list[dict]:
 
 
 def _completions(problems: list[dict], backend: Backend | None, cfg: HumanEvalConfig):
-    """n_samples completions per problem, plus the backend error (or None) of each."""
+    """n_samples completions per problem (the function to test; None when a chat reply held no code
+    block), the backend error (or None) of each, and each chat reply as the model wrote it (None in
+    completion mode, where the completion is the reply), so a failure can be read in the results."""
     n = cfg.n_samples
     if cfg.reference is not None:
         text = (lambda p: p.get("canonical_solution", "")) if cfg.reference == "canonical" else (lambda p: "")
-        return [[text(p)] * n for p in problems], [[None] * n for p in problems]
+        none = [[None] * n for p in problems]
+        return [[text(p)] * n for p in problems], none, none
     assert backend is not None
     seeds = [cfg.seed + i for i in range(n)]
     if cfg.mode == "completion":
@@ -72,6 +75,7 @@ def _completions(problems: list[dict], backend: Backend | None, cfg: HumanEvalCo
         ]
         outs = backend.complete_many(reqs)
         texts = [o.text for o in outs]
+        replies: list[str | None] = [None] * len(outs)
     else:
         creqs = [
             ChatRequest(chat_messages(p), max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=s)
@@ -79,19 +83,18 @@ def _completions(problems: list[dict], backend: Backend | None, cfg: HumanEvalCo
             for s in seeds
         ]
         outs = backend.chat_many(creqs)
-        texts = []
+        texts, replies = [], [o.content for o in outs]
         for p, o in zip([p for p in problems for _ in seeds], outs):
             code = extract_code(o.content)
             texts.append(completion_from_code(p, code) if code is not None else None)
     errors = [o.error for o in outs]
-    return [texts[i * n : (i + 1) * n] for i in range(len(problems))], [
-        errors[i * n : (i + 1) * n] for i in range(len(problems))
-    ]
+    per_problem = [slice(i * n, (i + 1) * n) for i in range(len(problems))]
+    return tuple([values[s] for s in per_problem] for values in (texts, errors, replies))
 
 
 def evaluate_batch(batch: list[Item], backend: Backend | None, cfg: HumanEvalConfig) -> list[dict]:
     problems = [it.payload for it in batch]
-    completions, errors = _completions(problems, backend, cfg)
+    completions, errors, replies = _completions(problems, backend, cfg)
     flat_p = [p for p, cs in zip(problems, completions) for _ in cs]
     flat_c = [c for cs in completions for c in cs]
     runnable = [i for i, c in enumerate(flat_c) if c is not None]
@@ -103,9 +106,13 @@ def evaluate_batch(batch: list[Item], backend: Backend | None, cfg: HumanEvalCon
     for i, e in enumerate(flat_e):
         if e is not None:
             results[i] = {"passed": False, "reason": f"backend: {e}"}
+    flat_r = [r for rs in replies for r in rs]
     records, i = [], 0
     for cs in completions:
         samples = [{**results[i + j], "completion": cs[j]} for j in range(len(cs))]
+        for j, sample in enumerate(samples):
+            if flat_r[i + j] is not None:
+                sample["reply"] = flat_r[i + j]
         i += len(cs)
         records.append({"n": len(cs), "correct": sum(s["passed"] for s in samples), "samples": samples})
     return records

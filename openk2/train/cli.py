@@ -129,9 +129,12 @@ def run(args: argparse.Namespace) -> int:
     train_loss = f"{summary['train_loss']:.4f}" if summary["train_loss"] is not None else "n/a"
     print(
         f"trained {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['seconds']:.0f} s "
-        f"({summary['tokens_per_s']:.0f} tokens/s); train loss {train_loss}, eval loss {eval_loss}"
+        f"({summary['tokens_per_s']:.0f} tokens/s); last step's train loss {train_loss}, "
+        f"eval loss {eval_loss}"
     )
     print(f"checkpoint: {summary['checkpoint']}\ncurves:     {summary['curves']}")
+    if summary["steps"] < cfg.steps:  # --stop-at: the schedule runs on to --steps
+        print(f"stopped at step {summary['steps']}/{cfg.steps} (--stop-at); run again without it to finish")
     if not args.no_sample and summary["checkpoint"] and summary["steps"] >= cfg.steps:
         from openk2.train.sample import generate_text
 
