@@ -1,17 +1,15 @@
-"""Worked example 3 (experiments/rl_critique.py) end to end in --quick mode, and the shipped
-self-critique config taking a step from the checkpoint that example writes."""
+"""Worked example 3 (experiments/rl_critique.py) end to end in --quick mode: SFT, held-out critic
+accuracy, an RL run with the self-critic, win rates, results.json, the plot and the checkpoint."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 
 from openk2.checkpoint import load_model
-from openk2.rl.trainer import RLConfig, RLTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,7 +22,7 @@ def _example():
 
 
 @pytest.mark.slow  # ~20 s on an idle core: an SFT, an RL run and the win rates, each tiny
-def test_critique_example_quick_and_the_shipped_config(tmp_path):
+def test_critique_example_quick(tmp_path):
     example = _example()
     results = example.main(["--quick", "--out", str(tmp_path / "ex")])
     written = json.loads((tmp_path / "ex" / "results.json").read_text())
@@ -40,17 +38,3 @@ def test_critique_example_quick_and_the_shipped_config(tmp_path):
     curve = written["curves"][0]
     assert [h["step"] for h in curve] == [0, 1] and "eval/arithmetic_rubric/reward" in curve[-1]
     assert load_model(tmp_path / "ex" / "sft_checkpoint").config.max_position_embeddings == 384
-
-    # the shipped config: the example's rubrics, and one step from the example's checkpoint
-    config = RLConfig.load(REPO / "configs" / "rl" / "mixed_critique_tiny.toml")
-    assert asdict(config.critique) == asdict(example.CRITIQUE)
-    config = replace(
-        config,
-        model=str(tmp_path / "ex" / "sft_checkpoint"),
-        steps=1,
-        eval_tasks=4,
-        out_dir=str(tmp_path / "rl"),
-    ).validate()
-    history = RLTrainer(config, log_fn=None).train()
-    # a barely trained policy does not stop within step_tokens = 8: its samples pause
-    assert history[-1]["step"] == 1 and history[-1]["paused"] > 0
