@@ -38,3 +38,37 @@ def test_critique_example_quick(tmp_path):
     curve = written["curves"][0]
     assert [h["step"] for h in curve] == [0, 1] and "eval/arithmetic_rubric/reward" in curve[-1]
     assert load_model(tmp_path / "ex" / "sft_checkpoint").config.max_position_embeddings == 384
+
+
+def test_rubric_env_grades_the_rubric_and_shares_the_split():
+    from openk2.rl.env import make_env
+    from openk2.rl.envs.arithmetic import PRAISE
+
+    env = make_env("arithmetic_rubric", max_digits=2, ops="+")
+    plain = make_env("arithmetic", max_digits=2, ops="+")
+    task = env.sample_tasks(1, seed=3)[0]
+    assert task.messages[-1]["content"].startswith("What is ")
+    right, wrong = str(task.answer), str(task.answer + 1)
+    assert [env.verify(task, t) for t in (right, PRAISE + right, wrong, PRAISE + wrong, "no")] == [
+        1,
+        0.5,
+        0,
+        0,
+        0,
+    ]
+    # a problem held out of `arithmetic` is held out of `arithmetic_rubric` too
+    held_out = {t.messages[-1]["content"] for t in plain.sample_tasks(50, seed=0, split="test")}
+    for t in env.sample_tasks(50, seed=0, split="train"):
+        assert f"{t.metadata['a']}+{t.metadata['b']}=" not in held_out
+
+
+def test_critique_table_in_an_rl_config(tmp_path):
+    from openk2.rl.trainer import RLConfig
+    from openk2.train.config import ConfigError
+
+    envs = [{"name": "arithmetic_rubric", "max_tokens": 8, "reward": "critique"}]
+    config = RLConfig.from_dict({"envs": envs, "critique": {"core": ["Correct."], "max_pairs_per_group": 2}})
+    assert config.critique.core == ["Correct."] and config.critique.max_pairs_per_group == 2
+    assert config.critique.prescriptive  # K2's default prescriptive rubrics stay unless replaced
+    with pytest.raises(ConfigError, match="critique.*unknown keys \\['rubric'\\]"):
+        RLConfig.from_dict({"envs": envs, "critique": {"rubric": "x"}})
