@@ -325,12 +325,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--docs", action="store_true", help="write into docs/rl_critique (the committed result)")
     ap.add_argument("--quick", action="store_true", help="a tiny end-to-end run (tests): few steps, 1 seed")
-    ap.add_argument("--sft-steps", type=int, default=300)
-    ap.add_argument("--rl-steps", type=int, default=40)
+    ap.add_argument("--sft-steps", type=int, default=200)
+    ap.add_argument("--rl-steps", type=int, default=12)
     ap.add_argument("--seeds", type=int, default=3, help="independent RL runs from the SFT checkpoint")
-    ap.add_argument("--eval-tasks", type=int, default=200, help="held-out prompts for the win rates")
+    ap.add_argument("--eval-tasks", type=int, default=100, help="held-out prompts for the win rates")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    ap.add_argument("--jobs", type=int, default=2, help="RL runs in parallel (one process each)")
+    ap.add_argument("--jobs", type=int, default=3, help="RL runs in parallel (one process each)")
     ap.add_argument("--reuse-sft", help="load the SFT checkpoint from this directory instead of training it")
     ap.add_argument("--lr", type=float, default=3e-4, help="RL learning rate (Muon; AdamW gets a third)")
     ap.add_argument("--critic-weight", type=float, default=1.0, help="weight of the critic refresh (0: off)")
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
             seed=0,
             log=log,
         )
-        save_model(model, out / "sft_checkpoint")  # `--init` of configs/rl/mixed_critique_tiny.toml
+        save_model(model, out / "sft_checkpoint")  # loads in openk2 sample/eval/rl --init
     t_sft = time.perf_counter() - t0
     heldout = heldout_pairs(model, tokenizer, critic, 8 if args.quick else 150)
     start_accuracy = {k: critic_accuracy(critic, v) for k, v in heldout.items()}
