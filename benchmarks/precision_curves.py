@@ -133,8 +133,9 @@ def main() -> int:
     report = compare(runs)
     report["command"] = "python benchmarks/precision_curves.py " + " ".join(sys.argv[1:])
     report["train_command"] = (
-        f"openk2 train --precision {{fp32,bf16}} --ns-dtype {args.ns_dtype} --steps {args.steps}"
-    )
+        f"openk2 train --precision {{fp32,bf16}} --ns-dtype {args.ns_dtype} --steps {args.steps} "
+        f"--threads {args.threads} {' '.join(args.extra)}"
+    ).strip()
     report["cpu"] = cpu
     report["cpu_bf16_flags"] = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
     report["threads_per_run"] = args.threads
