@@ -22,6 +22,7 @@ import argparse
 import copy
 import itertools
 import json
+import multiprocessing
 import shutil
 import statistics
 import time
@@ -66,6 +67,37 @@ def kl_to_reference(policy, reference, tokenizer, n_tasks: int, samples: int = 4
     return float(diff.sum() / batch["response_mask"].sum())
 
 
+def run_cell(job: tuple) -> dict:
+    """One RL run from the SFT checkpoint (its own process with --jobs): the cell's numbers."""
+    init, out_dir, tau, upd, seed, steps, lr, eval_tasks, threads = job
+    torch.set_num_threads(threads)
+    sft_model = load_model(init, dtype=torch.float32)
+    policy = copy.deepcopy(sft_model)
+    tokenizer = K2Tokenizer.byte_level()
+    config = rl_config(
+        seed, steps, out_dir, lr=lr, tau=tau, updates=upd, eval_tasks=eval_tasks, eval_every=steps
+    )
+    history = RLTrainer(config, model=policy, tokenizer=tokenizer, log_fn=None).train(
+        resume=False, overwrite=True
+    )
+    evals = [h["eval/reward"] for h in history if "eval/reward" in h]
+    steps_ = [h for h in history if "drift" in h]
+    ratios = [h["log_ratio"] for h in steps_ if "log_ratio" in h]
+    return {
+        "name": Path(out_dir).name,
+        "tau": tau,
+        "updates_per_step": upd,
+        "seed": seed,
+        "eval_start": evals[0],
+        "eval_end": evals[-1],
+        "eval_change": evals[-1] - evals[0],
+        "drift_mean": statistics.fmean(h["drift"] for h in steps_),
+        "log_ratio_last_update_mean": statistics.fmean(ratios) if ratios else None,
+        "kl_final_vs_sft": kl_to_reference(policy, sft_model, tokenizer, eval_tasks),
+        "drift_curve": [h["drift"] for h in steps_],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -82,7 +114,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--eval-tasks", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--redraw", action="store_true", help="only redo the table and plot from OUT/cells.json")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     args = ap.parse_args()
     taus = [float(x) for x in args.taus.split(",")]
     updates = [int(x) for x in args.updates.split(",")]
@@ -97,56 +131,47 @@ def main() -> None:
         print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
 
     init = Path(args.init)
-    if init.is_dir():
-        sft_model = load_model(init, dtype=torch.float32)
-    else:
+    cells: list[dict] = []
+    if args.redraw:  # the table and plot from the cells a run finished (its cells.json)
+        cells = json.loads((out / "cells.json").read_text())
+        taus = sorted({c["tau"] for c in cells})
+        updates = sorted({c["updates_per_step"] for c in cells})
+    elif not init.is_dir():
         log(f"{init} not found: making it (the worked example's SFT warm-up)")
-        sft_model, _ = sft_checkpoint(init.parent, 20 if args.quick else 300, "float32", False, log)
-    tokenizer = K2Tokenizer.byte_level()
-    sft_state = copy.deepcopy(sft_model.state_dict())
+        sft_checkpoint(init.parent, 20 if args.quick else 300, "float32", False, log)
+    jobs = [
+        (str(init), str(out / f"tau{tau:g}_u{upd}_s{seed}"), tau, upd, 1000 + seed, args.steps, args.lr,
+         args.eval_tasks, args.threads)
+        for tau, upd, seed in itertools.product(taus, updates, range(args.seeds))
+    ]  # fmt: skip
 
-    cells = []
-    for tau, upd, seed in itertools.product(taus, updates, range(args.seeds)):
-        policy = copy.deepcopy(sft_model)
-        policy.load_state_dict(sft_state)
-        name = f"tau{tau:g}_u{upd}_s{seed}"
-        config = rl_config(
-            1000 + seed,
-            args.steps,
-            str(out / name),
-            lr=args.lr,
-            tau=tau,
-            updates=upd,
-            eval_tasks=args.eval_tasks,
-            eval_every=args.steps,
-        )
-        trainer = RLTrainer(config, model=policy, tokenizer=tokenizer, log_fn=None)
-        history = trainer.train(resume=False, overwrite=True)
-        evals = [h["eval/reward"] for h in history if "eval/reward" in h]
-        steps = [h for h in history if "drift" in h]
-        ratios = [h["log_ratio"] for h in steps if "log_ratio" in h]
-        cell = {
-            "tau": tau,
-            "updates_per_step": upd,
-            "seed": 1000 + seed,
-            "eval_start": evals[0],
-            "eval_end": evals[-1],
-            "eval_change": evals[-1] - evals[0],
-            "drift_mean": statistics.fmean(h["drift"] for h in steps),
-            "log_ratio_last_update_mean": statistics.fmean(ratios) if ratios else None,
-            "kl_final_vs_sft": kl_to_reference(policy, sft_model, tokenizer, args.eval_tasks),
-            "drift_curve": [h["drift"] for h in steps],
-        }
+    def done(cell: dict) -> None:
         cells.append(cell)
         log(
-            f"{name}: held-out {cell['eval_start']:.3f} -> {cell['eval_end']:.3f}, drift/step "
-            f"{cell['drift_mean']:.2e}, |log-ratio| {cell['log_ratio_last_update_mean']}, "
+            f"{cell['name']}: held-out {cell['eval_start']:.3f} -> {cell['eval_end']:.3f}, drift/step "
+            f"{cell['drift_mean']:.2e}, |log-ratio| {cell['log_ratio_last_update_mean'] or 0:.3g}, "
             f"KL to SFT {cell['kl_final_vs_sft']:.3e}"
         )
+        (out / "cells.json").write_text(json.dumps(cells, indent=1) + "\n")  # what is done so far
+
+    if args.redraw:
+        pass
+    elif args.jobs > 1:
+        pool = multiprocessing.get_context("spawn").Pool(args.jobs)
+        for cell in pool.imap_unordered(run_cell, jobs):
+            done(cell)
+        pool.close()
+        pool.join()
+    else:
+        for job in jobs:
+            done(run_cell(job))
+    cells.sort(key=lambda c: (c["tau"], c["updates_per_step"], c["seed"]))
 
     table = []
     for tau, upd in itertools.product(taus, updates):
         cs = [c for c in cells if c["tau"] == tau and c["updates_per_step"] == upd]
+        if not cs:
+            continue
         row = {"tau": tau, "updates_per_step": upd, "seeds": len(cs)}
         for key in ("eval_change", "drift_mean", "log_ratio_last_update_mean", "kl_final_vs_sft"):
             vals = [c[key] for c in cs if c[key] is not None]
@@ -163,7 +188,10 @@ def main() -> None:
         "machine": cpu_report(),
         "table": table,
         "cells": cells,
-        "cpu_s": time.process_time(),
+        "jobs": args.jobs,
+        # CPU seconds of this process and its worker processes (all threads), imports included
+        "cpu_s": None if args.redraw else cpu_seconds(),
+        "redrawn_from_cells": args.redraw,
         "wall_s": time.perf_counter() - t_start,
     }
     (out / "rl_tau.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -175,7 +203,14 @@ def main() -> None:
         for name in ("rl_tau.json", "rl_tau.png", "rl_tau.md"):
             shutil.copy(out / name, DOCS_DIR / name)
         log(f"copied the table and plot to {DOCS_DIR}")
-    log(f"{results['cpu_s']:.0f} CPU-s; {out / 'rl_tau.json'}")
+    log(f"{results['cpu_s'] or 0:.0f} CPU-s; {out / 'rl_tau.json'}")
+
+
+def cpu_seconds() -> float:
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def markdown_table(table: list[dict]) -> str:

@@ -1,6 +1,6 @@
 """Worked example: SFT warm-up, then RL with the K1.5 loss, on 1-2 digit addition, on CPU.
 
-    python experiments/rl_worked_example.py            # ~11 CPU-minutes, 1 thread (docs/rl.md)
+    python experiments/rl_worked_example.py            # ~190 CPU-seconds, 1 thread (docs/rl.md)
     python experiments/rl_worked_example.py --docs     # the same, and refresh docs/rl_worked_example/
     python experiments/rl_worked_example.py --quick --out /tmp/x   # a smoke test in seconds
 

@@ -149,12 +149,7 @@ def test_documented_paths_exist(doc):
 _OUTSIDE = re.compile(r"shared/reference|reference sections?\s+\d|/work/")
 # docs/rl.md cites `shared/reference/kimi-k2.md` in its first paragraph; it is being edited on another
 # branch this session, which will drop the citation. Remove this entry once it has.
-_OUTSIDE_PENDING = {"rl.md"}
-
-
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_docs_cite_nothing_outside_the_repository(doc):
-    if doc.name in _OUTSIDE_PENDING:
-        pytest.skip("pending on another branch")
     hits = [line.strip() for line in doc.read_text().splitlines() if _OUTSIDE.search(line)]
     assert not hits, f"{doc.name} points outside the repository: {hits}"
