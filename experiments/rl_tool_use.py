@@ -231,16 +231,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--key-len", type=int, default=ENV_KWARGS["key_len"], help="letters per key")
     ap.add_argument("--value-digits", type=int, default=ENV_KWARGS["value_digits"], help="digits per value")
     ap.add_argument("--demos", type=int, default=400, help="SFT demonstration episodes")
-    ap.add_argument("--sft-steps", type=int, default=250)
-    ap.add_argument("--sft-batch", type=int, default=16)
-    ap.add_argument("--sft-lr", type=float, default=0.01)
-    ap.add_argument("--rl-steps", type=int, default=25)
+    ap.add_argument("--sft-steps", type=int, default=350)
+    ap.add_argument("--sft-batch", type=int, default=8)
+    ap.add_argument("--sft-lr", type=float, default=0.02)
+    ap.add_argument("--rl-steps", type=int, default=15)
     ap.add_argument("--seeds", type=int, default=3, help="independent RL runs from the SFT checkpoint")
-    ap.add_argument("--eval-tasks", type=int, default=200)
+    ap.add_argument("--eval-tasks", type=int, default=100)
     ap.add_argument("--eval-seeds", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
+    ap.add_argument("--prompts", type=int, default=6, help="prompts per RL step")
     ap.add_argument("--k", type=int, default=8, help="samples (episodes) per prompt")
-    ap.add_argument("--lr", type=float, default=1e-3, help="RL learning rate (Muon; AdamW gets a third)")
+    ap.add_argument("--lr", type=float, default=2e-3, help="RL learning rate (Muon; AdamW gets a third)")
     ap.add_argument(
         "--reuse-sft",
         action="store_true",
