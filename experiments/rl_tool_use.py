@@ -89,20 +89,29 @@ def demonstration(task) -> list[dict]:
 
 
 def sft(
-    model: Transformer, tokenizer, demos: int, steps: int, batch: int, lr: float, log, curve_tasks: int = 50
+    model: Transformer,
+    tokenizer,
+    demos: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    log,
+    curve_tasks: int = 50,
+    start: int = 0,
 ) -> list[dict]:
     """Warm-up on `demos` demonstration episodes (train split), loss on the assistant turns only.
-    Returns the curve: loss, and greedy held-out success on `curve_tasks` tasks every 50 steps."""
+    Returns the curve: loss, and greedy held-out success on `curve_tasks` tasks every 50 steps.
+    `start` > 0 continues weights already trained that many steps (a fresh optimizer state)."""
     env = make_env(ENV, **ENV_KWARGS)
     rows = []
     for task in env.sample_tasks(demos, seed=0):
         enc = encode_chat(tokenizer, demonstration(task), tools=task.tools)
         rows.append((enc.ids, enc.assistant_mask))
     opt = MuonClip(model, lr=lr, adamw_lr=lr / 3, weight_decay=0.0, ns_dtype=NS_DTYPE)
-    rng = random.Random(0)
+    rng = random.Random(start)
     model.train()
     curve = []
-    for step in range(1, steps + 1):
+    for step in range(start + 1, steps + 1):
         ids, mask = lm_batch(rng.sample(rows, min(batch, len(rows))))
         loss = masked_lm_loss(model(ids), ids, mask)
         opt.zero_grad(set_to_none=True)
@@ -170,10 +179,17 @@ def cpu_info() -> dict:
     return {"cpu": name, "avx512_bf16": "avx512_bf16" in flags, "cores_visible": os.cpu_count()}
 
 
+def _set_task(args: argparse.Namespace) -> None:
+    """The task's size from the command line (in this process and in each --jobs worker)."""
+    ENV_KWARGS["key_len"] = getattr(args, "key_len", ENV_KWARGS["key_len"])
+    ENV_KWARGS["value_digits"] = getattr(args, "value_digits", ENV_KWARGS["value_digits"])
+
+
 def rl_run(job: tuple) -> dict:
     """One RL run from the SFT weights (a process of its own with --jobs > 1): train, then held-out."""
     seed, a, sft_path, eval_seeds, t_start = job
     args = argparse.Namespace(**a)
+    _set_task(args)
     torch.set_num_threads(args.threads if args.jobs == 1 else 1)
     out = Path(args.out)
 
@@ -212,18 +228,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="runs/rl_tool_use")
     ap.add_argument("--docs", action="store_true", help="write to docs/rl_tool_use (the documented run)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, seconds")
+    ap.add_argument("--key-len", type=int, default=ENV_KWARGS["key_len"], help="letters per key")
+    ap.add_argument("--value-digits", type=int, default=ENV_KWARGS["value_digits"], help="digits per value")
     ap.add_argument("--demos", type=int, default=400, help="SFT demonstration episodes")
-    ap.add_argument("--sft-steps", type=int, default=250)
-    ap.add_argument("--sft-batch", type=int, default=16)
-    ap.add_argument("--sft-lr", type=float, default=0.01)
-    ap.add_argument("--rl-steps", type=int, default=25)
+    ap.add_argument("--sft-steps", type=int, default=350)
+    ap.add_argument("--sft-batch", type=int, default=8)
+    ap.add_argument("--sft-lr", type=float, default=0.02)
+    ap.add_argument("--rl-steps", type=int, default=15)
     ap.add_argument("--seeds", type=int, default=3, help="independent RL runs from the SFT checkpoint")
-    ap.add_argument("--eval-tasks", type=int, default=200)
+    ap.add_argument("--eval-tasks", type=int, default=100)
     ap.add_argument("--eval-seeds", type=int, default=3)
-    ap.add_argument("--prompts", type=int, default=8, help="prompts per RL step")
+    ap.add_argument("--prompts", type=int, default=6, help="prompts per RL step")
     ap.add_argument("--k", type=int, default=8, help="samples (episodes) per prompt")
-    ap.add_argument("--lr", type=float, default=1e-3, help="RL learning rate (Muon; AdamW gets a third)")
-    ap.add_argument("--reuse-sft", action="store_true", help="load OUT/sft_state.pt left by a failed run")
+    ap.add_argument("--lr", type=float, default=2e-3, help="RL learning rate (Muon; AdamW gets a third)")
+    ap.add_argument(
+        "--reuse-sft",
+        action="store_true",
+        help="load OUT/sft_state.pt left by an interrupted run (and continue it to --sft-steps)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads (per process with --jobs 1)")
     ap.add_argument("--jobs", type=int, default=3, help="RL runs in parallel processes, one thread each")
     args = ap.parse_args(argv)
@@ -232,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.demos, args.sft_steps, args.rl_steps, args.seeds, args.jobs = 16, 4, 2, 2, 1
         args.eval_tasks, args.eval_seeds, args.prompts, args.k = 4, 2, 2, 2
+    _set_task(args)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -245,12 +268,14 @@ def main(argv: list[str] | None = None) -> dict:
     model = Transformer(model_config())
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, byte-level tokenizer")
     sft_path = out / "sft_state.pt"  # kept until the RL runs finished, for --reuse-sft after a failure
+    sft_curve, start = [], 0
     if args.reuse_sft and sft_path.is_file():
         model.load_state_dict(torch.load(sft_path, weights_only=True))
         sft_curve = json.loads((out / "sft_curve.json").read_text())
-        log(f"SFT weights reused from {sft_path}")
-    else:
-        sft_curve = sft(
+        start = sft_curve[-1]["step"]
+        log(f"SFT weights reused from {sft_path} (step {start})")
+    if start < args.sft_steps:
+        sft_curve += sft(
             model,
             tokenizer,
             args.demos,
@@ -259,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.sft_lr,
             log,
             min(50, args.eval_tasks),
+            start,
         )
         torch.save(model.state_dict(), sft_path)
         (out / "sft_curve.json").write_text(json.dumps(sft_curve))
@@ -292,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ns_dtype": NS_DTYPE,
         "dtype": "float32",
         "sft_curve": sft_curve,
+        "sft_continued_from_step": start or None,
         "post_sft": base,
         "post_rl": [r["final"] for r in runs],
         "gain_greedy": gains_g,
