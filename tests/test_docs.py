@@ -147,6 +147,8 @@ def test_documented_paths_exist(doc):
 
 # Files the docs may not send a reader to: they exist on the development machines, not in the repository.
 _OUTSIDE = re.compile(r"shared/reference|reference sections?\s+\d|/work/")
+
+
 # docs/rl.md cites `shared/reference/kimi-k2.md` in its first paragraph; it is being edited on another
 # branch this session, which will drop the citation. Remove this entry once it has.
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
