@@ -372,13 +372,14 @@ def startup_summary(
             " (emulated: this CPU has no bf16 units)" if bf16_emulated(device, "bf16") else ""
         )
     precision += f" (--precision {cfg.precision})"
+    threads = torch.get_num_threads()
     step_tokens = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     epochs = cfg.steps * step_tokens / max(facts["train_tokens"], 1)
     start = f"resuming at step {resumed_step}" if resumed_step is not None else f"new run {run.run_id}"
     return "\n".join([
         f"model {cfg.model_name} ({model_cfg.model_type}): {total / 1e6:,.2f}M parameters, "
         f"{active / 1e6:,.2f}M activated per token",
-        f"device {where}, {torch.get_num_threads()} threads, precision {precision}; optimizer "
+        f"device {where}, {threads} thread{'s' if threads != 1 else ''}, precision {precision}; optimizer "
         f"{cfg.optimizer}, lr {cfg.lr:g}, Newton-Schulz in {ns}",
         f"corpus {cfg.corpus}: {facts['train_tokens']:,} training + {facts['val_tokens']:,} held-out tokens; "
         f"{cfg.steps} steps x {step_tokens:,} tokens = {epochs:.2f} epochs",
