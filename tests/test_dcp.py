@@ -143,7 +143,9 @@ def test_device_cuda_missing_is_one_line_on_every_rank(corpus, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and all("CUDA is not available" in e for e in errors), r.stderr[-2000:]
+    # each rank that gets there prints the line; torchrun SIGTERMs the other rank as soon as the first
+    # one exits, so under load the slower rank may be stopped before it prints its own
+    assert 1 <= len(errors) <= 2 and all("CUDA is not available" in e for e in errors), r.stderr[-2000:]
     # the only traceback is torchrun's own report that its children failed (ChildFailedError), not
     # one from a worker: nothing in openk2 raised through
     assert r.stderr.count("Traceback") == 1 and "ChildFailedError" in r.stderr
