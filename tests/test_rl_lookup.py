@@ -45,6 +45,20 @@ def test_tasks_hide_the_table_and_the_splits_are_disjoint():
         make_env("lookup", table_size=30, key_len=1)
 
 
+def test_key_alphabet():
+    env = make_env("lookup", key_len=2, alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    keys = [k for t in env.sample_tasks(20, seed=0) for k in t.metadata["table"]]
+    assert all(re.fullmatch(r"[A-Z]{2}", k) for k in keys)
+    assert all(
+        re.fullmatch(r"[a-z]{3}", k) for t in make_env("lookup").sample_tasks(5) for k in t.metadata["table"]
+    )
+    for bad in ("", "aa", "a-b"):
+        with pytest.raises(ValueError, match="alphabet"):
+            make_env("lookup", alphabet=bad)
+    with pytest.raises(ValueError, match="table_size"):
+        make_env("lookup", table_size=5, key_len=1, alphabet="0123")
+
+
 def test_verifier_accepts_the_value_only():
     env, task = _task()
     v = task.answer

@@ -1,11 +1,12 @@
 """Multi-turn lookup: answer a question whose answer only a tool knows.
 
-Each task draws its own random table of keys (short lowercase strings) and values (numbers), and asks
-for the value of one key. The table is never shown to the model: it lives in the task's metadata and
-only the `lookup(key)` tool reads it. So the value cannot be guessed or memorised (a fresh table per
-task, about one chance in `10**value_digits` by luck) and a policy succeeds only by calling the tool
-with the right key and copying its answer back. That makes it the smallest environment where tool use
-is necessary rather than optional, and a clean check that RL teaches a model to use a tool.
+Each task draws its own random table of keys (short strings: lowercase letters by default, or any
+`alphabet`) and values (numbers), and asks for the value of one key. The table is never shown to the
+model: it lives in the task's metadata and only the `lookup(key)` tool reads it. So the value cannot be
+guessed or memorised (a fresh table per task, about one chance in `10**value_digits` by luck) and a
+policy succeeds only by calling the tool with the right key and copying its answer back. That makes it
+the smallest environment where tool use is necessary rather than optional, and a clean check that RL
+teaches a model to use a tool.
 
 Calls arrive as OpenAI `tool_calls` (parsed from K2's tool-call tokens by the rollout worker) and
 run through `run_tool_call` like tool_use's; results go back as `tool` turns (the value as plain
@@ -49,30 +50,42 @@ SCHEMAS = {"lookup": LOOKUP_TOOL["function"]["parameters"]}
 
 @register_env("lookup")
 class LookupEnv(Environment):
-    """`table_size` keys of `key_len` letters, values of `value_digits` digits; one key is asked."""
+    """`table_size` keys of `key_len` characters drawn from `alphabet`, values of `value_digits` digits;
+    one key is asked. Capital-letter keys (`alphabet="ABC...Z"`) stand out from the lowercase prose of
+    the prompt, which lets a very small model find the key to copy by what it is, not only by where
+    it is (docs/rl_tool_use.md)."""
 
     multi_turn = True
 
-    def __init__(self, table_size: int = 4, key_len: int = 3, value_digits: int = 3, max_turns: int = 4):
+    def __init__(
+        self,
+        table_size: int = 4,
+        key_len: int = 3,
+        value_digits: int = 3,
+        max_turns: int = 4,
+        alphabet: str = string.ascii_lowercase,
+    ):
         super().__init__()
+        if not alphabet or len(set(alphabet)) != len(alphabet) or not alphabet.isalnum():
+            raise ValueError(f"alphabet must be distinct letters or digits, got {alphabet!r}")
         if not 1 <= table_size <= 1000 or not 1 <= key_len <= 12 or not 1 <= value_digits <= 12:
             raise ValueError(
                 f"need 1 <= table_size <= 1000, 1 <= key_len <= 12, 1 <= value_digits <= 12; got "
                 f"{table_size}, {key_len}, {value_digits}"
             )
-        if table_size > 26**key_len or max_turns < 1:
+        if table_size > len(alphabet) ** key_len or max_turns < 1:
             raise ValueError(
-                f"need table_size <= 26**key_len and max_turns >= 1, got {table_size}, {max_turns}"
+                f"need table_size <= len(alphabet)**key_len and max_turns >= 1, got {table_size}, {max_turns}"
             )
         self.table_size, self.key_len, self.value_digits = table_size, key_len, value_digits
-        self.max_turns = max_turns
+        self.max_turns, self.alphabet = max_turns, alphabet
         self.turns = 0
         self.lookups: list[str] = []  # keys the episode looked up, in order
 
     def generate(self, rng: random.Random) -> Task:
         table: dict[str, str] = {}
         while len(table) < self.table_size:
-            key = "".join(rng.choice(string.ascii_lowercase) for _ in range(self.key_len))
+            key = "".join(rng.choice(self.alphabet) for _ in range(self.key_len))
             low = 10 ** (self.value_digits - 1) if self.value_digits > 1 else 0
             table.setdefault(key, str(rng.randint(low, 10**self.value_digits - 1)))
         key = rng.choice(sorted(table))
