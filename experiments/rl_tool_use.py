@@ -5,14 +5,15 @@
     python experiments/rl_tool_use.py --quick    # a smoke run in seconds (the test suite runs it)
 
 The `lookup` environment (openk2/rl/envs/lookup.py) asks for the value of a key in a random table drawn
-per task, which only the `lookup(key)` tool can read. An episode is: the question -> an assistant turn
-with a K2 tool call (`<|tool_calls_section_begin|>...`) -> the tool's reply, appended by the rollout
-worker through the chat template -> an assistant turn with the value. Success needs the right key in the
-call and the value copied back; guessing has one chance in 900.
+per task (keys of 3 digits here, see ENV_KWARGS), which only the `lookup(key)` tool can read. An episode
+is: the question -> an assistant turn with a K2 tool call (`<|tool_calls_section_begin|>...`) -> the
+tool's reply, appended by the rollout worker through the chat template -> an assistant turn with the
+value. Success needs the right key in the call and the value copied back; guessing has one chance in
+900.
 
-1. A small dense K2-architecture model (MLA, byte-level tokenizer) gets an SFT warm-up on a few
-   hundred demonstration episodes (loss on the assistant turns only), stopped early, while it solves
-   only part of the held-out tasks.
+1. A small dense K2-architecture model (MLA, byte-level tokenizer) gets an SFT warm-up on 4000
+   demonstration episodes (loss on the assistant turns only), stopped early (180 steps), while it
+   solves only part of the held-out tasks at T = 1.
 2. From that one checkpoint, `--seeds` independent RL runs (`RLTrainer`: multi-turn rollouts through
    the in-process engine, the real environment step and tool, the K1.5 loss over the assistant
    tokens, MuonClip with float32 Newton-Schulz) each train for `--rl-steps` steps.
@@ -48,7 +49,9 @@ from openk2.tokenizer import K2Tokenizer
 from openk2.tokenizer.chat import encode_chat
 
 ENV = "lookup"
-ENV_KWARGS = {"table_size": 4, "key_len": 2, "value_digits": 3, "max_turns": 3}
+# Keys are digit strings ("What is the value of 482?"): with letter keys this model never learns to
+# copy the key into the call (docs/rl_tool_use.md), with digit keys it does.
+ENV_KWARGS = {"table_size": 4, "key_len": 3, "value_digits": 3, "max_turns": 3, "alphabet": "0123456789"}
 # per assistant turn (a call is ~38 byte tokens), turns per episode, tokens per appended tool reply
 SPEC = {"max_tokens": 48, "max_turns": 3, "tool_tokens": 96}
 NS_DTYPE = "float32"  # pinned: the result must not depend on whether the CPU has bf16 units
@@ -98,10 +101,17 @@ def sft(
     log,
     curve_tasks: int = 50,
     start: int = 0,
+    stop_at: float = 0.0,
 ) -> list[dict]:
     """Warm-up on `demos` demonstration episodes (train split), loss on the assistant turns only.
     Returns the curve: loss, and greedy held-out success on `curve_tasks` tasks every 50 steps.
-    `start` > 0 continues weights already trained that many steps (a fresh optimizer state)."""
+    `start` > 0 continues weights already trained that many steps (a fresh optimizer state).
+
+    `stop_at` > 0 stops early, at the first check (every 5 steps once the batch loss is below 0.25)
+    where greedy success on `curve_tasks` validation tasks (train split, tables never trained on)
+    reaches it. The copy skills this task needs arrive in a jump (held-out success goes from 0.1 to
+    1.0 within ~20 steps), so a fixed step count lands on a different point of the jump with another
+    thread count or CPU; a success threshold lands on the same point everywhere."""
     env = make_env(ENV, **ENV_KWARGS)
     rows = []
     for task in env.sample_tasks(demos, seed=0):
@@ -117,6 +127,13 @@ def sft(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if stop_at > 0 and step % 5 == 0 and loss.item() < 0.25:
+            val = held_out(model, tokenizer, curve_tasks, [], split="train", seed=777)["greedy"]
+            model.train()
+            log(f"sft step {step} loss {loss.item():.3f} validation greedy ({curve_tasks} tasks) {val:.2f}")
+            if val >= stop_at:
+                curve.append({"step": step, "loss": loss.item(), "validation_greedy": val, "stopped": True})
+                break
         if step % 50 == 0 or step == steps:
             success = held_out(model, tokenizer, curve_tasks, [])["greedy"]
             model.train()
@@ -128,11 +145,14 @@ def sft(
     return curve
 
 
-def held_out(model: Transformer, tokenizer, n_tasks: int, eval_seeds: list[int]) -> dict:
+def held_out(
+    model: Transformer, tokenizer, n_tasks: int, eval_seeds: list[int], split: str = "test", seed: int = 12345
+) -> dict:
     """Success on test-split tasks, whole episodes: greedy, and one sample per task at T = 1 for each
-    evaluation seed (their spread is the measurement noise)."""
+    evaluation seed (their spread is the measurement noise). `split="train"` with another `seed`
+    gives validation tasks (the SFT stopping rule's), never the held-out ones."""
     env = make_env(ENV, **ENV_KWARGS)
-    tasks = env.sample_tasks(n_tasks, seed=12345, split="test")
+    tasks = env.sample_tasks(n_tasks, seed=seed, split=split)
     b = budget()
     prompt = max(len(encode_chat(tokenizer, prompt_messages(t, ""), tools=t.tools).ids) for t in tasks)
     engine = Engine(
@@ -183,6 +203,7 @@ def _set_task(args: argparse.Namespace) -> None:
     """The task's size from the command line (in this process and in each --jobs worker)."""
     ENV_KWARGS["key_len"] = getattr(args, "key_len", ENV_KWARGS["key_len"])
     ENV_KWARGS["value_digits"] = getattr(args, "value_digits", ENV_KWARGS["value_digits"])
+    ENV_KWARGS["alphabet"] = getattr(args, "alphabet", ENV_KWARGS["alphabet"])
 
 
 def rl_run(job: tuple) -> dict:
@@ -228,19 +249,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="runs/rl_tool_use")
     ap.add_argument("--docs", action="store_true", help="write to docs/rl_tool_use (the documented run)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny sizes, seconds")
-    ap.add_argument("--key-len", type=int, default=ENV_KWARGS["key_len"], help="letters per key")
+    ap.add_argument("--key-len", type=int, default=ENV_KWARGS["key_len"], help="characters per key")
+    ap.add_argument("--alphabet", default=ENV_KWARGS["alphabet"], help="characters keys are drawn from")
     ap.add_argument("--value-digits", type=int, default=ENV_KWARGS["value_digits"], help="digits per value")
-    ap.add_argument("--demos", type=int, default=400, help="SFT demonstration episodes")
-    ap.add_argument("--sft-steps", type=int, default=350)
-    ap.add_argument("--sft-batch", type=int, default=8)
-    ap.add_argument("--sft-lr", type=float, default=0.02)
-    ap.add_argument("--rl-steps", type=int, default=15)
+    ap.add_argument("--demos", type=int, default=4000, help="SFT demonstration episodes")
+    ap.add_argument("--sft-steps", type=int, default=400, help="SFT steps at most")
+    ap.add_argument(
+        "--sft-stop-at",
+        type=float,
+        default=0.5,
+        help="stop SFT once greedy success on 50 validation tasks reaches this (0: run --sft-steps)",
+    )
+    ap.add_argument("--sft-batch", type=int, default=16)
+    ap.add_argument("--sft-lr", type=float, default=0.005)
+    ap.add_argument("--rl-steps", type=int, default=40)
     ap.add_argument("--seeds", type=int, default=3, help="independent RL runs from the SFT checkpoint")
     ap.add_argument("--eval-tasks", type=int, default=100)
     ap.add_argument("--eval-seeds", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=6, help="prompts per RL step")
     ap.add_argument("--k", type=int, default=8, help="samples (episodes) per prompt")
-    ap.add_argument("--lr", type=float, default=2e-3, help="RL learning rate (Muon; AdamW gets a third)")
+    ap.add_argument("--lr", type=float, default=6e-4, help="RL learning rate (Muon; AdamW gets a third)")
     ap.add_argument(
         "--reuse-sft",
         action="store_true",
@@ -274,7 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
         sft_curve = json.loads((out / "sft_curve.json").read_text())
         start = sft_curve[-1]["step"]
         log(f"SFT weights reused from {sft_path} (step {start})")
-    if start < args.sft_steps:
+    stopped = bool(sft_curve) and sft_curve[-1].get("stopped", False)  # the stopping rule already met
+    if start < args.sft_steps and not stopped:
         sft_curve += sft(
             model,
             tokenizer,
@@ -285,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
             log,
             min(50, args.eval_tasks),
             start,
+            args.sft_stop_at,
         )
         torch.save(model.state_dict(), sft_path)
         (out / "sft_curve.json").write_text(json.dumps(sft_curve))
