@@ -6,8 +6,16 @@ on each other's descheduled threads (small matmuls then take milliseconds instea
 Subprocesses inherit the environment variable."""
 
 import os
+import signal
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Tests that press Ctrl-C (send SIGINT to a command) need it to reach the command as from a terminal.
+# A test run started in the background by a non-interactive shell (`cmd &`, some CI runners) inherits
+# SIGINT as ignored, and an ignored signal stays ignored across exec, so those commands would never
+# see it. A handler here instead is reset to the default in every subprocess.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import mcp.client.stdio  # noqa: E402, F401
 import torch  # noqa: E402
