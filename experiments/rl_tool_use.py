@@ -12,8 +12,8 @@ value. Success needs the right key in the call and the value copied back; guessi
 900.
 
 1. A small dense K2-architecture model (MLA, byte-level tokenizer) gets an SFT warm-up on 4000
-   demonstration episodes (loss on the assistant turns only), stopped early (180 steps), while it
-   solves only part of the held-out tasks at T = 1.
+   demonstration episodes (loss on the assistant turns only), stopped early by a validation-success
+   rule (`sft`), while it solves only part of the held-out tasks at T = 1.
 2. From that one checkpoint, `--seeds` independent RL runs (`RLTrainer`: multi-turn rollouts through
    the in-process engine, the real environment step and tool, the K1.5 loss over the assistant
    tokens, MuonClip with float32 Newton-Schulz) each train for `--rl-steps` steps.
@@ -283,6 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.demos, args.sft_steps, args.rl_steps, args.seeds, args.jobs = 16, 4, 2, 2, 1
         args.eval_tasks, args.eval_seeds, args.prompts, args.k = 4, 2, 2, 2
     _set_task(args)
+    try:
+        make_env(ENV, **ENV_KWARGS)
+    except ValueError as e:
+        ap.error(str(e))
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
