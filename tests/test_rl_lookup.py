@@ -5,6 +5,7 @@ Rollout tests drive the real worker, chat template, tool-call parser and environ
 policy (`ScriptedEngine` from test_rl_multiturn), so the trajectories are known."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_key_alphabet():
     assert all(
         re.fullmatch(r"[a-z]{3}", k) for t in make_env("lookup").sample_tasks(5) for k in t.metadata["table"]
     )
-    for bad in ("", "aa", "a-b"):
+    for bad in ("", "aa", "a-b", ["a", "b"]):
         with pytest.raises(ValueError, match="alphabet"):
             make_env("lookup", alphabet=bad)
     with pytest.raises(ValueError, match="table_size"):
@@ -222,3 +223,31 @@ def test_rl_tool_use_example_quick(tmp_path):
         assert all(len(x["episodes"]) == 4 for x in steps)  # 2 prompts x K = 2 episodes, logged
         assert (tmp_path / f"rl_seed{seed}.png").stat().st_size > 0
     assert (tmp_path / "rl_tool_use.png").stat().st_size > 0
+
+
+def test_lookup_copy_probe_quick(tmp_path):
+    """experiments/lookup_copy_probe.py --quick: per-token loss of every assistant token (the key's
+    characters among them) and the attention of every head at the two copying positions; a bad
+    alphabet is one usage error, no traceback."""
+    script = [sys.executable, "experiments/lookup_copy_probe.py", "--quick"]
+    proc = subprocess.run(
+        [*script, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "lookup_copy_probe.json").read_text())
+    key = r["example"]["key"]
+    assert re.fullmatch(r"[A-Z]{2}", key) and r["chance_nats"] == pytest.approx(math.log(26))
+    tokens = "".join(x["token"] for x in r["per_token_loss"])
+    assert f'{{"key": "{key}"}}' in tokens and tokens.endswith(r["example"]["value"] + "<|im_end|>")
+    assert all(x["nll"] >= 0 for x in r["per_token_loss"])
+    heads = [(h["predicts"], h["layer"], h["head"]) for h in r["attention"]]
+    assert len(heads) == len(set(heads)) == 2 * 2 * 4  # both positions x 2 layers x 4 heads
+    assert all(len(h["top"]) == 3 and 0 <= h["top"][0]["weight"] <= 1 for h in r["attention"])
+    assert (tmp_path / "lookup_copy_probe.png").stat().st_size > 1000
+    bad = subprocess.run([*script, "--alphabet", "a-b", "--out", str(tmp_path / "bad")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert (
+        bad.stderr.strip().splitlines()[-1].endswith("alphabet must be distinct letters or digits, got 'a-b'")
+    )
+    assert not (tmp_path / "bad").exists()
