@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from openk2.distributed.mesh import Mesh, ParallelConfig, init_from_env
+from openk2.distributed.mesh import Mesh, ParallelConfig, init_from_env, shutdown
 
 
 def free_port() -> int:
@@ -24,10 +24,12 @@ def _entry(rank: int, fn: Callable, world: int, port: int, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    finished = False
     try:
         fn(rank, world, *args)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        shutdown(finished)
 
 
 def spawn(fn: Callable, world_size: int, *args) -> None:

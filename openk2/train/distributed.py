@@ -67,7 +67,7 @@ from openk2.distributed import checkpoint as dckpt
 from openk2.distributed.device import autocast_context, collective_backend, resolve_device
 from openk2.distributed.dist_muon import DistributedMuon
 from openk2.distributed.launch import setup
-from openk2.distributed.mesh import Mesh, ParallelConfig, all_reduce_, init_from_env
+from openk2.distributed.mesh import Mesh, ParallelConfig, all_reduce_, init_from_env, shutdown
 from openk2.distributed.parallelize import ParallelModel
 from openk2.model.moe import MoE
 from openk2.model.transformer import Transformer
@@ -393,10 +393,13 @@ def pretrain_distributed(cfg: TrainConfig, model_cfg, resume: bool = True, overw
         torch.cuda.set_device(device)
     init_from_env(collective_backend(device))
     mesh = setup(parallel)
+    finished = False
     try:
-        return _run(cfg, model_cfg, mesh, device, resume, overwrite)
+        summary = _run(cfg, model_cfg, mesh, device, resume, overwrite)
+        finished = True
+        return summary
     finally:
-        dist.destroy_process_group()
+        shutdown(finished)
 
 
 def _run(
