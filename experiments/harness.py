@@ -14,7 +14,8 @@ corpus with held-out loss curves, the command line, the record of the machine, a
   (default 1: CPU seconds are comparable across machines and loads) and `--quick` (a seconds-long
   smoke run for the tests).
 * `write_result(out, name, result, plot)`: `<name>.json` (with the environment: CPU and its bf16
-  support, torch, threads, precision) and `<name>.png`.
+  support, torch, threads, precision) and `<name>.png`; `write_json(path, obj)`: the atomic write
+  every experiment uses for its results and the progress files it resumes from.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -167,12 +169,28 @@ def environment(threads: int) -> dict:
     }
 
 
+def write_json(path: Path, obj, indent: int | None = 1) -> None:
+    """Write `obj` as JSON atomically (a temporary file, then a rename): a run killed while writing
+    leaves the previous file whole, so a script that resumes from it can always read it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+    os.replace(tmp, path)
+
+
+def stop_if_interrupted(trainer, what: str) -> None:
+    """After `RLTrainer.train` returned: when SIGINT/SIGTERM stopped it (the run driver saved a
+    checkpoint and returned), stop the whole script instead of going on to the next run."""
+    if trainer.interrupted:
+        raise SystemExit(f"{what}: {trainer.interrupted}, stopped (its checkpoint is saved)")
+
+
 def write_result(out: Path, name: str, result: dict, plot: Callable[[dict, Path], None], args) -> None:
     """Write out/<name>.json (with the command and environment) and out/<name>.png; print a summary
     without the curves."""
     command = "python " + " ".join([f"experiments/{name}.py", *sys.argv[1:]])
     result = {"command": command, "environment": environment(args.threads), **result}
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_json(out / f"{name}.json", result)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -32,10 +32,14 @@ import copy
 import json
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness, when imported from elsewhere
+from harness import stop_if_interrupted, write_json
 
 from openk2.checkpoint import load_model, save_model
 from openk2.config import ModelConfig
@@ -303,8 +307,7 @@ def rl_run(seed: int, args, state: dict, heldout: dict, tasks: list[Task], out: 
         rl_config(args, seed, out), model=policy, tokenizer=tokenizer, heldout=heldout, log_fn=log
     )
     history = trainer.train(resume=False, overwrite=True)
-    if trainer.interrupted:  # the run driver saved a checkpoint on SIGINT/SIGTERM: stop here too
-        raise SystemExit(f"rl seed {seed}: {trainer.interrupted}, stopped")
+    stop_if_interrupted(trainer, f"rl seed {seed}")
     policy.eval()
     result = {
         "seed": seed,
@@ -438,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "threads": args.threads,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results, indent=2)
     plot(results, out / "rl_critique.png")
     log(
         json.dumps(
@@ -479,8 +482,9 @@ def plot(results: dict, path: Path) -> None:
         if pts:
             axes[2].plot(*zip(*pts), "x--", alpha=0.6, label=f"seed {seed}, bare numbers only")
     axes[2].axhline(0.5, color="grey", lw=0.8)
-    axes[0].legend(fontsize=7)
-    axes[2].legend(fontsize=6)
+    for ax, size in ((axes[0], 7), (axes[2], 6)):
+        if ax.get_legend_handles_labels()[0]:  # a --quick run may have no held-out points yet
+            ax.legend(fontsize=size)
     win = results["win_rate_vs_start"]
     judges = ("oracle", "start_critic", "final_critic")
     for i, kind in enumerate(("greedy", "sampled")):

@@ -25,11 +25,15 @@ import json
 import multiprocessing
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from rl_worked_example import ENV_KWARGS, MAX_TOKENS, cpu_report, rl_config, sft_checkpoint, std
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness, when imported from elsewhere
+from harness import stop_if_interrupted, write_json
 
 from openk2.checkpoint import load_model
 from openk2.rl.env import make_env
@@ -77,9 +81,9 @@ def run_cell(job: tuple) -> dict:
     config = rl_config(
         seed, steps, out_dir, lr=lr, tau=tau, updates=upd, eval_tasks=eval_tasks, eval_every=steps
     )
-    history = RLTrainer(config, model=policy, tokenizer=tokenizer, log_fn=None).train(
-        resume=False, overwrite=True
-    )
+    trainer = RLTrainer(config, model=policy, tokenizer=tokenizer, log_fn=None)
+    history = trainer.train(resume=False, overwrite=True)
+    stop_if_interrupted(trainer, f"cell tau {tau}, {upd} updates, seed {seed}")
     evals = [h["eval/reward"] for h in history if "eval/reward" in h]
     steps_ = [h for h in history if "drift" in h]
     ratios = [h["log_ratio"] for h in steps_ if "log_ratio" in h]
@@ -152,7 +156,7 @@ def main() -> None:
             f"{cell['drift_mean']:.2e}, |log-ratio| {cell['log_ratio_last_update_mean'] or 0:.3g}, "
             f"KL to SFT {cell['kl_final_vs_sft']:.3e}"
         )
-        (out / "cells.json").write_text(json.dumps(cells, indent=1) + "\n")  # what is done so far
+        write_json(out / "cells.json", cells)  # what is done so far
 
     if args.redraw:
         pass
@@ -194,7 +198,7 @@ def main() -> None:
         "redrawn_from_cells": args.redraw,
         "wall_s": time.perf_counter() - t_start,
     }
-    (out / "rl_tau.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "rl_tau.json", results, indent=2)
     plot(results, out / "rl_tau.png")
     (out / "rl_tau.md").write_text(markdown_table(table))
     print(markdown_table(table))

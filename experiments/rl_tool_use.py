@@ -37,6 +37,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness, when imported from elsewhere
+from harness import stop_if_interrupted, write_json
+
 from openk2.config import ModelConfig
 from openk2.model.transformer import Transformer
 from openk2.optim.muon import MuonClip
@@ -219,7 +222,7 @@ def rl_run(job: tuple) -> dict:
 
     tokenizer = K2Tokenizer.byte_level()
     policy = Transformer(model_config())
-    policy.load_state_dict(torch.load(sft_path, weights_only=True))
+    policy.load_state_dict(torch.load(sft_path, weights_only=True)["model"])
     config = RLConfig(
         envs=[EnvSpec(ENV, ENV_KWARGS, **SPEC)],
         steps=args.rl_steps,
@@ -239,6 +242,7 @@ def rl_run(job: tuple) -> dict:
     )
     trainer = RLTrainer(config, model=policy, tokenizer=tokenizer, log_fn=log)
     history = trainer.train(resume=False, overwrite=True)  # a fresh run; an old one is moved aside
+    stop_if_interrupted(trainer, f"rl seed {seed}")
     final = held_out(policy, tokenizer, args.eval_tasks, eval_seeds)
     log(f"final held-out: greedy {final['greedy']:.3f}, sampled {final['sampled']}")
     return {"seed": seed, "final": final, "history": history}
@@ -299,11 +303,14 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = K2Tokenizer.byte_level()
     model = Transformer(model_config())
     log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, byte-level tokenizer")
-    sft_path = out / "sft_state.pt"  # kept until the RL runs finished, for --reuse-sft after a failure
+    # the SFT weights and curve, in one file written atomically (a kill leaves the previous one whole);
+    # kept until the RL runs finished, for --reuse-sft after a failure
+    sft_path = out / "sft_state.pt"
     sft_curve, start = [], 0
     if args.reuse_sft and sft_path.is_file():
-        model.load_state_dict(torch.load(sft_path, weights_only=True))
-        sft_curve = json.loads((out / "sft_curve.json").read_text())
+        saved = torch.load(sft_path, weights_only=True)
+        model.load_state_dict(saved["model"])
+        sft_curve = saved["sft_curve"]
         start = sft_curve[-1]["step"]
         log(f"SFT weights reused from {sft_path} (step {start})")
     stopped = bool(sft_curve) and sft_curve[-1].get("stopped", False)  # the stopping rule already met
@@ -320,8 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
             start,
             args.sft_stop_at,
         )
-        torch.save(model.state_dict(), sft_path)
-        (out / "sft_curve.json").write_text(json.dumps(sft_curve))
+        tmp = sft_path.with_name(f".{sft_path.name}.tmp")
+        torch.save({"model": model.state_dict(), "sft_curve": sft_curve}, tmp)
+        os.replace(tmp, sft_path)
     cpu_sft = time.process_time() - cpu_start
     eval_seeds = list(range(args.eval_seeds))
     base = held_out(model, tokenizer, args.eval_tasks, eval_seeds)
@@ -337,7 +345,6 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         runs = [rl_run(job) for job in jobs]
     sft_path.unlink()
-    (out / "sft_curve.json").unlink()
 
     gains_g = [r["final"]["greedy"] - base["greedy"] for r in runs]
     gains_s = [r["final"]["sampled_mean"] - base["sampled_mean"] for r in runs]
@@ -372,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": cpu_info(),
         "torch": torch.__version__,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(out / "results.json", results, indent=2)
     for r in runs:
         plot_history(r["history"], out / f"rl_seed{r['seed']}.png", title=f"lookup RL seed {r['seed']}")
     plot_summary(results, runs, out / "rl_tool_use.png")

@@ -31,10 +31,14 @@ import json
 import random
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared harness, when imported from elsewhere
+from harness import stop_if_interrupted, write_json
 
 from openk2.checkpoint import load_model, save_model
 from openk2.config import ModelConfig
@@ -102,7 +106,7 @@ def sft_checkpoint(out: Path, steps: int, ns_dtype: str, reuse: bool, log) -> tu
     sft(model, tokenizer, steps, batch=64, seed=0, ns_dtype=ns_dtype, log=log)
     save_model(model, path)
     tokenizer.save_pretrained(path, model_max_length=model.config.max_position_embeddings)
-    (path / SFT_META).write_text(json.dumps(meta))
+    write_json(path / SFT_META, meta, indent=None)
     return model, False
 
 
@@ -224,6 +228,7 @@ def main() -> None:
             config, model=policy, tokenizer=tokenizer, log_fn=lambda m, s=seed: log(f"rl{s} {m}")
         )
         history = trainer.train(resume=False, overwrite=True)  # a fresh run; an old one is moved aside
+        stop_if_interrupted(trainer, f"rl seed {seed}")
         final = held_out(policy, tokenizer, args.eval_tasks, eval_seeds, samples)
         sync = [h["sync_s"] for h in history if "sync_s" in h]
         log(f"rl seed {seed}: greedy {final['greedy']:.3f}, sampled {final['sampled']}")
@@ -264,7 +269,7 @@ def main() -> None:
             for r in runs
         },
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / "results.json", results, indent=2)
     for r in runs:
         plot_history(r["history"], out / f"rl_seed{r['seed']}.png", title=f"RL seed {r['seed']}")
     plot_summary(runs, out / "rl_worked_example.png", args.ns_dtype)

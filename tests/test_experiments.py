@@ -55,6 +55,22 @@ def test_default_output_is_runs_and_docs_needs_the_flag(tmp_path, monkeypatch):
     assert setup(p.parse_args(["--docs"])) == ROOT / "docs"
 
 
+def test_write_json_is_atomic(tmp_path):
+    """Results and the progress files experiments resume from are replaced whole: a write that fails
+    (here: an object JSON cannot hold) leaves the previous file readable and no temporary behind."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from harness import write_json
+
+    path = tmp_path / "cells.json"
+    write_json(path, [{"tau": 0.01, "gain": 0.1}])
+    assert json.loads(path.read_text()) == [{"tau": 0.01, "gain": 0.1}]
+    with pytest.raises(TypeError):
+        write_json(path, [{"tau": 0.01}, {"gain": object()}])
+    assert json.loads(path.read_text()) == [{"tau": 0.01, "gain": 0.1}]
+    write_json(path, {"done": 2}, indent=None)
+    assert path.read_text() == '{"done": 2}\n' and [p.name for p in tmp_path.iterdir()] == ["cells.json"]
+
+
 def test_experiment_results_are_consistent():
     """The experiments' controlled variables: sparsity holds the activated parameters fixed,
     heads leave the latent cache size unchanged (checked on the configs, no training)."""

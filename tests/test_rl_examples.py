@@ -4,6 +4,9 @@ has reward spread), and experiments/rl_worked_example.py and experiments/rl_tau.
 `--quick` mode, writing under the given directory and not into docs/."""
 
 import json
+import re
+import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import replace
@@ -71,7 +74,8 @@ def test_shipped_arithmetic_config_runs_from_a_checkpoint_and_warns_without_spre
 @pytest.mark.slow
 def test_worked_example_and_tau_experiment_quick(tmp_path):
     """Both experiments end to end in --quick mode into tmp_path: results, plots and an SFT checkpoint
-    that loads; nothing written to docs/ without --docs."""
+    that loads; nothing written to docs/ without --docs. SIGTERM during an RL run stops the whole
+    script (after the run driver's checkpoint), not just that run."""
     docs = REPO / "docs"
     before = {p: p.stat().st_mtime_ns for p in docs.rglob("*") if p.is_file()}
     ex = tmp_path / "example"
@@ -103,3 +107,22 @@ def test_worked_example_and_tau_experiment_quick(tmp_path):
     assert "| tau | updates/step |" in (tau / "rl_tau.md").read_text()
     after = {p: p.stat().st_mtime_ns for p in docs.rglob("*") if p.is_file()}
     assert after == before
+
+    stop = tmp_path / "stop"
+    shutil.copytree(ex / "sft_checkpoint", stop / "sft_checkpoint")
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "experiments/rl_worked_example.py", "--reuse-sft", "--out", str(stop),
+         "--sft-steps", "20", "--rl-steps", "50", "--seeds", "2", "--eval-tasks", "16"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen = []
+    for line in proc.stdout:  # the first RL step of seed 0 is done: the run loop holds the signal
+        seen.append(line)
+        if " rl0 step=1 " in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, "".join(seen) + out + err[-3000:]
+    assert re.search(r"rl seed 0: SIGTERM, stopped", err) and "Traceback" not in err, err[-3000:]
+    assert (stop / "rl_seed0").is_dir() and not (stop / "rl_seed1").exists()
+    assert list((stop / "rl_seed0" / "checkpoints").glob("step-*")) and not (stop / "results.json").exists()
