@@ -16,7 +16,7 @@ from openk2.rl.critique import CritiqueConfig, SelfCritic
 from openk2.rl.env import make_env
 from openk2.rl.loss import masked_lm_loss
 from openk2.rl.rollout import RolloutWorker
-from openk2.rl.trainer import RLConfig, RLTrainer, evaluate, lm_batch, load_chat_jsonl
+from openk2.rl.trainer import RLConfig, RLTrainer, drift_warning, evaluate, lm_batch, load_chat_jsonl
 from openk2.serve.engine import Engine
 from openk2.serve.sampling import SamplingParams
 from openk2.tokenizer import K2Tokenizer
@@ -156,6 +156,21 @@ def test_ptx_mixing(tmp_path):
         end = masked_lm_loss(mixed.model(ids), ids, mask).item()
     assert end < start - 0.1
     assert any(not torch.equal(v, before[k]) for k, v in mixed.model.state_dict().items())
+
+
+def test_a_policy_wrecking_step_is_named_on_the_console(tmp_path):
+    """A step whose update moves the policy far on its own rollouts (here: the PTX term at lr 0.5)
+    gets a console warning that names the drift and the learning rate; ordinary steps do not."""
+    ptx = _ptx_file(tmp_path)
+    envs = [{**ARITH, "max_tokens": 2}]
+    config = _config(tmp_path, envs=envs, truncation_penalty=0.0, ptx_data=str(ptx), ptx_batch=9,
+                     ptx_weight=1.0, lr=0.5)  # fmt: skip
+    lines: list[str] = []
+    RLTrainer(config, model=_model(), log_fn=lines.append).train()
+    warnings = [x for x in lines if "nats/token on its own rollouts" in x]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: step 1: the update moved the policy")
+    assert "lower lr" in warnings[0]
+    assert drift_warning({"step": 3, "drift": 0.05}) is None and drift_warning({"step": 0}) is None
 
 
 def test_training_step_logs_and_moves_weights(tmp_path):

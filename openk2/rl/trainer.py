@@ -658,6 +658,9 @@ class RLTrainer:
             step += 1
             rec = {"kind": "rl", **self.step(step)}
             self._warn_without_signal(rec)
+            warning = drift_warning(rec)
+            if warning:
+                self._print(warning)
             return rec
 
         def save() -> Path:
@@ -705,6 +708,24 @@ class RLTrainer:
         if self.log_fn is not None:
             keys = ("step", "temperature", "reward", "length", "truncation", "drift", "eval/reward", "sync_s")
             self.log_fn(" ".join(f"{k}={_fmt(rec[k])}" for k in keys if k in rec))
+
+
+DRIFT_WARNING = 0.1
+"""Nats per token of KL-like drift in one step above which the console warns. Measured on the lookup
+worked example: healthy runs stayed under 0.06 in every step; at a learning rate that wrecked the
+policy (its samples turned to garbage and every reward to 0) the wrecking step drifted 0.13-0.22."""
+
+
+def drift_warning(rec: dict) -> str | None:
+    """The console line for a step whose update moved the policy far on its own rollouts, or None."""
+    drift = rec.get("drift")
+    if drift is None or not drift > DRIFT_WARNING:
+        return None
+    return (
+        f"warning: step {rec['step']}: the update moved the policy {drift:.3g} nats/token on its own "
+        f"rollouts (drift above {DRIFT_WARNING}); steps this large can wreck a policy, watch the reward "
+        "and lower lr if it falls"
+    )
 
 
 class _RLConsole:
