@@ -329,7 +329,7 @@ def test_openk2_serve_cli(tmp_path):
     """`openk2 serve CHECKPOINT` in a real subprocess, loading a saved checkpoint."""
     save_model(tiny_model(seed=0, max_positions=512), tmp_path / "ckpt")
     args = ["--served-model-name", MODEL, "--max-batch", "2", "--no-constrained-tools"]
-    with serve_process(tmp_path / "ckpt", *args, seconds=60) as url:
+    with serve_process(tmp_path / "ckpt", *args, seconds=180) as url:  # starts in seconds; room for load
         client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
         r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, temperature=0)
         assert r.usage.completion_tokens == 4 or r.choices[0].finish_reason == "stop"
