@@ -203,6 +203,27 @@ def critic_accuracy(critic: SelfCritic, pairs: list, chunk: int = 128) -> float 
 
 
 @torch.no_grad()
+def critic_letters(critic: SelfCritic, pairs: list, chunk: int = 128) -> dict | None:
+    """How the critic answers the held-out pairs regardless of the labels: the share it answers "A",
+    and the range of its probability of "A" (a critic that answers one letter whatever it reads is at
+    chance for a reason no accuracy shows)."""
+    if not pairs:
+        return None
+    was_training = critic.model.training
+    critic.model.eval()
+    logits = torch.cat(
+        [critic.choice_logits([p for p, _ in pairs[i : i + chunk]]) for i in range(0, len(pairs), chunk)]
+    )
+    critic.model.train(was_training)
+    p_a = logits.softmax(-1)[:, 0]
+    return {
+        "share_a": float((p_a > 0.5).float().mean()),
+        "p_a_min": float(p_a.min()),
+        "p_a_max": float(p_a.max()),
+    }
+
+
+@torch.no_grad()
 def critic_win_rate(critic: SelfCritic, tasks: list[Task], new: list[str], old: list[str]) -> float:
     """Mean P(new better than old) under `critic`, each pair judged in both orders and averaged."""
     was_training = critic.model.training
@@ -314,6 +335,7 @@ def rl_run(seed: int, args, state: dict, heldout: dict, tasks: list[Task], out: 
         "greedy": compare(start, policy, start_critic, trainer.critic, tokenizer, tasks, rubric_env, 0.0, 0),
         "sampled": compare(start, policy, start_critic, trainer.critic, tokenizer, tasks, rubric_env, 1.0, 0),
         "critic_accuracy": {k: critic_accuracy(trainer.critic, v) for k, v in heldout.items()},
+        "critic_letters": critic_letters(trainer.critic, heldout["all"]),
         "cpu_s": time.process_time() - c0,
         "history": history,
     }
@@ -408,6 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
         "heldout_pairs": {k: len(v) for k, v in heldout.items()},
         "critic_accuracy_start": start_accuracy,
         "critic_accuracy_final": {k: [r["critic_accuracy"][k] for r in runs] for k in heldout},
+        "critic_letters_start": critic_letters(critic, heldout["all"]),
+        "critic_letters_final": [r["critic_letters"] for r in runs],
         "noise_floor_start_vs_start": noise,
         "win_rate_vs_start": {
             kind: {k: spread(kind, k) for k in ("oracle", "start_critic", "final_critic")}

@@ -38,6 +38,12 @@ def test_critique_example_quick(tmp_path):
     curve = written["curves"][0]
     assert [h["step"] for h in curve] == [0, 1] and "eval/arithmetic_rubric/reward" in curve[-1]
     assert load_model(tmp_path / "ex" / "sft_checkpoint").config.max_position_embeddings == 384
+    # how the critic answers, whatever the labels: the share of "A" and the range of its probability
+    for letters in [written["critic_letters_start"], *written["critic_letters_final"]]:
+        if written["heldout_pairs"]["all"]:
+            assert 0.0 <= letters["share_a"] <= 1.0 and 0.0 < letters["p_a_min"] <= letters["p_a_max"] < 1.0
+        else:
+            assert letters is None
 
 
 def test_rubric_env_grades_the_rubric_and_shares_the_split():
