@@ -188,34 +188,31 @@ def heldout_pairs(model, tokenizer, critic: SelfCritic, n_tasks: int) -> dict[st
 
 
 @torch.no_grad()
-def critic_accuracy(critic: SelfCritic, pairs: list, chunk: int = 128) -> float | None:
-    if not pairs:
-        return None
-    was_training = critic.model.training
-    critic.model.eval()
-    right = 0
-    for i in range(0, len(pairs), chunk):
-        part = pairs[i : i + chunk]
-        logits = critic.choice_logits([p for p, _ in part])
-        right += int((logits.argmax(-1) == torch.tensor([y for _, y in part])).sum())
-    critic.model.train(was_training)
-    return right / len(pairs)
-
-
-@torch.no_grad()
-def critic_letters(critic: SelfCritic, pairs: list, chunk: int = 128) -> dict | None:
-    """How the critic answers the held-out pairs regardless of the labels: the share it answers "A",
-    and the range of its probability of "A" (a critic that answers one letter whatever it reads is at
-    chance for a reason no accuracy shows)."""
-    if not pairs:
-        return None
+def pair_logits(critic: SelfCritic, pairs: list, chunk: int = 128) -> torch.Tensor:
+    """The critic's (P, 2) "A"/"B" logits on labelled pairs, in eval mode, `chunk` prompts a forward."""
     was_training = critic.model.training
     critic.model.eval()
     logits = torch.cat(
         [critic.choice_logits([p for p, _ in pairs[i : i + chunk]]) for i in range(0, len(pairs), chunk)]
     )
     critic.model.train(was_training)
-    p_a = logits.softmax(-1)[:, 0]
+    return logits
+
+
+def critic_accuracy(critic: SelfCritic, pairs: list) -> float | None:
+    if not pairs:
+        return None
+    labels = torch.tensor([y for _, y in pairs])
+    return int((pair_logits(critic, pairs).argmax(-1) == labels).sum()) / len(pairs)
+
+
+def critic_letters(critic: SelfCritic, pairs: list) -> dict | None:
+    """How the critic answers the held-out pairs regardless of the labels: the share it answers "A",
+    and the range of its probability of "A" (a critic that answers one letter whatever it reads is at
+    chance for a reason no accuracy shows)."""
+    if not pairs:
+        return None
+    p_a = pair_logits(critic, pairs).softmax(-1)[:, 0]
     return {
         "share_a": float((p_a > 0.5).float().mean()),
         "p_a_min": float(p_a.min()),
